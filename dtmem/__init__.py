@@ -1,0 +1,3 @@
+"""dtmem: memory management for Decision Transformers."""
+
+__version__ = "0.1.0"

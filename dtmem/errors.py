@@ -1,0 +1,5 @@
+"""The one exception type that reaches users as a single line (see cli.main)."""
+
+
+class UserError(Exception):
+    """Bad input from the user: the message says what was wrong and what to do."""
