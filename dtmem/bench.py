@@ -1,0 +1,77 @@
+"""`dtmem bench rollout`: rollout throughput side by side, as ratios from one run.
+
+The floor is pure env stepping: the same envs, the same slot count and exactly the same
+number of steps per episode as the rollout it is compared with, with random actions.
+"""
+
+import resource
+import time
+
+import numpy as np
+import torch
+
+from dtmem.rollout import timed_rollout
+from dtmem.tasks import Task, make_env
+
+
+def env_floor(task: Task, lengths, n_slots, seed=0):
+    """Seconds to step n_slots envs in lockstep through episodes of the given lengths."""
+    envs = [make_env(task) for _ in range(n_slots)]
+    rng = np.random.default_rng(seed)
+    queue = list(lengths)
+    left = [0] * n_slots
+    begin = time.perf_counter()
+    for slot in range(n_slots):
+        envs[slot].reset(seed=seed + slot)
+        left[slot] = queue.pop(0)
+    while any(left):
+        actions = rng.uniform(-1, 1, size=(n_slots,) + envs[0].action_space.shape)
+        for slot in range(n_slots):
+            if not left[slot]:
+                continue
+            _, _, terminated, truncated, _ = envs[slot].step(actions[slot].astype(np.float32))
+            left[slot] -= 1
+            if terminated or truncated:  # a random policy falls early: start over, same count
+                envs[slot].reset()
+            if not left[slot] and queue:
+                envs[slot].reset()
+                left[slot] = queue.pop(0)
+    return time.perf_counter() - begin
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def bench_rollout(model, state_mean, state_std, task: Task, slot_counts=(1, 16, 64)):
+    """Rows of (policy, slots, episodes, env steps, seconds, floor seconds)."""
+    rows = []
+
+    def measure(policy, slots):
+        results, steps, wall = timed_rollout(model, state_mean, state_std, task, policy,
+                                             episodes=slots, slots=slots, seed=0)
+        floor = env_floor(task, [r.length for r in results], slots)
+        rows.append((policy, slots, len(results), steps, wall, floor))
+
+    measure("recompute", 1)
+    for policy in ("window", "full"):
+        for slots in slot_counts:
+            measure(policy, slots)
+    return rows
+
+
+def print_bench(rows, cache_bytes):
+    base = rows[0][3] / rows[0][4]  # recompute at batch 1, episode-steps per second
+    print(f"{'policy':10} {'slots':>5} {'steps':>7} {'steps/s':>9} {'x recompute@1':>14} "
+          f"{'wall / env floor':>17}")
+    for policy, slots, _, steps, wall, floor in rows:
+        rate = steps / wall
+        print(f"{policy:10} {slots:5d} {steps:7d} {rate:9.0f} {rate / base:14.1f} "
+              f"{wall / floor:17.2f}")
+    print(f"peak resident memory {peak_rss_mib():.0f} MiB; a whole-episode cache for "
+          f"{max(r[1] for r in rows)} slots holds {cache_bytes / 2**20:.0f} MiB of keys and values")
+
+
+def cache_bytes(model, slots, tokens):
+    cfg = model.cfg
+    return 2 * cfg.n_layer * slots * tokens * cfg.n_embd * torch.finfo(torch.float32).bits // 8

@@ -1,0 +1,238 @@
+"""The `dtmem` command. Thin: it parses flags and calls the library."""
+
+import argparse
+import ast
+import inspect
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from dtmem.errors import UserError
+from dtmem.tasks import ROOT, all_tasks, resolve_task
+
+CHECKPOINTS_DIR = ROOT / "data" / "checkpoints"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, exit code 2, like every other user-facing error.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def field_docs(cls):
+    """The docstring under each field of a dataclass (CleanRL style), for --help."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
+            docs[node.target.id] = after.value.value
+    return docs
+
+
+def add_dataclass_flags(parser, cls, skip=()):
+    docs = field_docs(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=docs.get(f.name))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default,
+                                help=f"{docs.get(f.name, '')} (default {f.default})")
+
+
+def add_task_flags(parser):
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--env", help="environment; runs its default task (hopper -> hopper-medium)")
+    group.add_argument("--task", help="a task by name, e.g. hopper-expert")
+
+
+def positive(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def make_parser():
+    from dtmem.train import TrainConfig
+
+    parser = Parser(prog="dtmem", description="Memory policies for Decision Transformers.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    data = commands.add_parser("data", help="list or build Minari datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    data_commands.add_parser("list", help="the tasks and which datasets are present locally")
+    build = data_commands.add_parser("build", help="collect a local Minari dataset")
+    add_task_flags(build)
+    build.add_argument("--behavior", default="random",
+                       help="behaviour policy: random, medium, expert, or a policy .npz")
+    build.add_argument("--steps", type=positive, default=1_000_000, help="env steps to collect")
+    build.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i")
+    build.add_argument("--envs", type=positive, default=16, help="envs stepped in lockstep")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+
+    train = commands.add_parser("train", help="train a Decision Transformer")
+    add_task_flags(train)
+    add_dataclass_flags(train, TrainConfig, skip=("task",))
+    train.add_argument("--out", help="checkpoint path (default runs/dt/<task>.pt)")
+    train.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")
+    train.add_argument("--download", action="store_true", help="download a missing dataset")
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+    roll = commands.add_parser("rollout", help="run a trained DT with a memory policy")
+    add_task_flags(roll)
+    roll.add_argument("--policy", default="recompute", help="memory policy (default recompute)")
+    roll.add_argument("--episodes", type=positive, default=20)
+    roll.add_argument("--slots", type=positive, help="episodes run in lockstep (default all)")
+    roll.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i")
+    roll.add_argument("--target-return", type=float, help="default: the task's target")
+    roll.add_argument("--checkpoint", help="default: the shipped data/checkpoints/<task>.pt")
+    roll.add_argument("--json", help="write a results file with provenance here")
+    roll.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+    bench = commands.add_parser("bench", help="throughput benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
+    bench_roll = bench_commands.add_parser("rollout", help="rollout speed vs env stepping")
+    add_task_flags(bench_roll)
+    bench_roll.add_argument("--checkpoint", help="default: the shipped checkpoint, else an "
+                            "untrained DT of the default size")
+    bench_roll.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return parser
+
+
+def cmd_data_list(args):
+    from dtmem.data import is_local
+
+    print(f"{'task':18} {'env':15} {'local dataset':28} {'minari remote id':28}")
+    for task in all_tasks().values():
+        local = task.local_id + (" (present)" if is_local(task.local_id) else "")
+        remote = task.remote_id + (" (present)" if is_local(task.remote_id) else "")
+        print(f"{task.name:18} {task.env_id:15} {local:28} {remote:28}")
+
+
+def cmd_data_build(args):
+    from dtmem.data import build_dataset
+
+    task = resolve_task(args.env, args.task)
+    dataset = build_dataset(task, args.behavior, args.steps, args.seed, args.envs, args.overwrite)
+    print(f"built {task.local_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps")
+
+
+def cmd_train(args):
+    from dtmem.files import ensure_writable
+    from dtmem.train import TrainConfig, train
+
+    task = resolve_task(args.env, args.task)
+    cfg = TrainConfig(task=task.name, **{f.name: getattr(args, f.name)
+                                         for f in fields(TrainConfig) if f.name != "task"})
+    out = args.out or f"runs/dt/{task.name}.pt"
+    ensure_writable(out)
+    train(cfg, out, resume=args.resume, device=args.device, download=args.download)
+
+
+def load_for_task(checkpoint, task, device):
+    """The DT for a task: --checkpoint or the shipped one; it must fit the task's env."""
+    from dtmem.checkpoints import load_model
+    from dtmem.tasks import make_env
+
+    path = Path(checkpoint) if checkpoint else CHECKPOINTS_DIR / f"{task.name}.pt"
+    if checkpoint is None and not path.exists():
+        raise UserError(f"no shipped checkpoint for {task.name}; train one with "
+                        f"`dtmem train --task {task.name}` and pass --checkpoint")
+    model, payload = load_model(path, device)
+    trained_on = all_tasks().get(payload["task"])
+    env = make_env(task)
+    dims = (env.observation_space.shape[0], env.action_space.shape[0])
+    if trained_on is None or trained_on.env != task.env or dims != (
+            model.cfg.state_dim, model.cfg.act_dim):
+        raise UserError(f"checkpoint {path} was trained on {payload['task']} (state "
+                        f"{model.cfg.state_dim}, action {model.cfg.act_dim}) and does not fit "
+                        f"{task.env_id} (state {dims[0]}, action {dims[1]})")
+    return model, payload, path
+
+
+def cmd_rollout(args):
+    from dtmem.files import ensure_writable, provenance, write_json
+    from dtmem.memory import make_policy
+    from dtmem.rollout import results_file, summarize, timed_rollout
+    from dtmem.train import pick_device
+
+    task = resolve_task(args.env, args.task)
+    if args.policy != "recompute":
+        make_policy(args.policy, 1, 1)  # fail on an unknown policy before any work
+    if args.json:
+        ensure_writable(args.json)
+    model, payload, path = load_for_task(args.checkpoint, task, pick_device(args.device))
+    results, _, wall = timed_rollout(model, payload["state_mean"], payload["state_std"], task,
+                                     args.policy, args.episodes, args.slots, args.seed,
+                                     args.target_return, progress=True)
+    summary = summarize(results)
+    lo, hi = summary["score_ci95"]
+    print(f"{task.name} {args.policy}: normalised score {summary['mean_score']:.1f} "
+          f"(95% CI {lo:.1f}..{hi:.1f}), return {summary['mean_return']:.1f}, length "
+          f"{summary['mean_length']:.0f}, tokens mean {summary['mean_tokens']:.0f} max "
+          f"{summary['max_tokens']} over {len(results)} episodes "
+          f"(refs {task.ref_source}: {task.ref_min:g}..{task.ref_max:g})")
+    if args.json:
+        target = task.target_return if args.target_return is None else args.target_return
+        write_json(args.json, results_file(
+            results, summary, task=task.name, policy=args.policy, checkpoint=str(path),
+            checkpoint_task=payload["task"], dataset_id=payload["dataset_id"],
+            target_return=target, seed=args.seed,
+            reference={"min": task.ref_min, "max": task.ref_max, "source": task.ref_source},
+            provenance=provenance(wall_seconds=round(wall, 2))))
+        print(f"wrote {args.json}")
+
+
+def cmd_bench_rollout(args):
+    import torch
+
+    from dtmem.bench import bench_rollout, cache_bytes, print_bench
+    from dtmem.model import DecisionTransformer, DTConfig
+    from dtmem.tasks import make_env
+    from dtmem.train import pick_device
+
+    task = resolve_task(args.env, args.task)
+    device = pick_device(args.device)
+    if args.checkpoint or (CHECKPOINTS_DIR / f"{task.name}.pt").exists():
+        model, payload, path = load_for_task(args.checkpoint, task, device)
+        mean, std = payload["state_mean"], payload["state_std"]
+        print(f"checkpoint {path}")
+    else:
+        env = make_env(task)
+        dims = env.observation_space.shape[0], env.action_space.shape[0]
+        torch.manual_seed(0)
+        model = DecisionTransformer(DTConfig(*dims)).to(device).eval()
+        mean, std = torch.zeros(dims[0]), torch.ones(dims[0])
+        print("no checkpoint: an untrained DT of the default size (speed only)")
+    print(f"task {task.name}, torch threads {torch.get_num_threads()}, device {device}")
+    rows = bench_rollout(model, mean, std, task)
+    print_bench(rows, cache_bytes(model, 64, 3 * task.max_episode_steps))
+
+
+COMMANDS = {
+    ("data", "list"): cmd_data_list, ("data", "build"): cmd_data_build,
+    ("train", None): cmd_train, ("rollout", None): cmd_rollout,
+    ("bench", "rollout"): cmd_bench_rollout,
+}
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    sub = getattr(args, "data_command", None) or getattr(args, "bench_command", None)
+    try:
+        COMMANDS[(args.command, sub)](args)
+    except UserError as e:
+        print(f"dtmem: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dtmem: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Minari datasets: finding them, building them locally, and sampling training windows."""
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dtmem.errors import UserError
+from dtmem.files import git_commit
+from dtmem.tasks import ROOT, Task, make_env
+
+POLICIES_DIR = ROOT / "data" / "policies"
+
+
+def _minari():
+    # Imported lazily: minari pulls in h5py and more, which `dtmem --help` does not need.
+    import minari
+
+    return minari
+
+
+def is_local(dataset_id):
+    return (_minari().storage.get_dataset_path(dataset_id) / "data").exists()
+
+
+def find_dataset(task: Task, download=False):
+    """The task's dataset: dtmem's local build, else Minari's remote id if present locally,
+    else (download=True) a real download from Minari's remote. Returns (dataset, id)."""
+    minari = _minari()
+    for dataset_id in (task.local_id, task.remote_id):
+        if is_local(dataset_id):
+            return minari.load_dataset(dataset_id), dataset_id
+    build = f"dtmem data build --task {task.name}"
+    if not download:
+        raise UserError(f"no dataset for {task.name} (neither {task.local_id} nor "
+                        f"{task.remote_id} is local); run `{build}` or pass --download")
+    try:
+        return minari.load_dataset(task.remote_id, download=True), task.remote_id
+    except Exception as e:  # any failure of the remote hub (network, auth, missing extra)
+        raise UserError(f"could not download {task.remote_id} ({type(e).__name__}); "
+                        f"offline, build it locally with `{build}`") from None
+
+
+@dataclass
+class Episodes:
+    """All steps of a dataset, concatenated; episode i is rows starts[i]:starts[i]+lengths[i].
+    Minari stores N+1 observations for N actions; the last one is dropped here, since no
+    action follows it."""
+
+    states: np.ndarray  # [N, S] float32
+    actions: np.ndarray  # [N, A] float32
+    rewards: np.ndarray  # [N] float32
+    starts: np.ndarray  # [M] int64
+    lengths: np.ndarray  # [M] int64
+
+    @classmethod
+    def from_minari(cls, dataset):
+        states, actions, rewards, lengths = [], [], [], []
+        for ep in dataset.iterate_episodes():
+            n = len(ep.actions)
+            states.append(ep.observations[:n])
+            actions.append(ep.actions)
+            rewards.append(ep.rewards)
+            lengths.append(n)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        return cls(np.concatenate(states).astype(np.float32),
+                   np.concatenate(actions).astype(np.float32),
+                   np.concatenate(rewards).astype(np.float32),
+                   np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), lengths)
+
+    def returns(self):
+        """Undiscounted return of each episode, [M]."""
+        return np.add.reduceat(self.rewards.astype(np.float64), self.starts)
+
+    def returns_to_go(self):
+        """Undiscounted suffix sum of rewards within each episode, [N]."""
+        suffix = np.concatenate([np.cumsum(self.rewards[::-1].astype(np.float64))[::-1], [0.0]])
+        episode_end = np.repeat(self.starts + self.lengths, self.lengths)
+        return (suffix[:-1] - suffix[episode_end]).astype(np.float32)
+
+    def state_stats(self):
+        """Mean and std of states over the whole dataset (std + 1e-6, the DT convention)."""
+        return self.states.mean(0), self.states.std(0) + 1e-6
+
+
+class WindowSampler:
+    """Training windows of K steps. Episodes are drawn in proportion to their length and a
+    start step uniformly within them (so every step is equally likely to start a window);
+    windows running past the episode end are right-padded and masked."""
+
+    def __init__(self, episodes: Episodes, context_steps, return_scale, state_mean, state_std,
+                 seed=0):
+        self.ep = episodes
+        self.K = context_steps
+        self.rtg = episodes.returns_to_go() / return_scale
+        self.states = (episodes.states - state_mean) / state_std
+        self.p = episodes.lengths / episodes.lengths.sum()
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, batch_size):
+        """Dict of tensors: rtg [B, K, 1], states [B, K, S], actions [B, K, A],
+        timesteps [B, K], mask [B, K] (False on padding)."""
+        ep = self.rng.choice(len(self.p), size=batch_size, p=self.p)
+        length = self.ep.lengths[ep]
+        start = (self.rng.random(batch_size) * length).astype(np.int64)
+        step = start[:, None] + np.arange(self.K)  # [B, K] timestep within the episode
+        mask = step < length[:, None]
+        row = self.ep.starts[ep][:, None] + np.minimum(step, length[:, None] - 1)
+        batch = {
+            "rtg": self.rtg[row][..., None] * mask[..., None],
+            "states": self.states[row] * mask[..., None],
+            "actions": self.ep.actions[row] * mask[..., None],
+            "timesteps": np.where(mask, step, 0),
+            "mask": mask,
+        }
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+def behavior_names():
+    shipped = sorted({p.stem.split("-", 1)[1] for p in POLICIES_DIR.glob("*-*.npz")})
+    return ["random", *shipped]
+
+
+def make_behavior(name, task: Task, action_space):
+    """`random`, a shipped policy of the task's env (`medium`, `expert`: data/policies/
+    <env>-<name>.npz), or a path to a policy .npz file."""
+    from dtmem.behavior import MLPPolicy, RandomPolicy
+
+    if name == "random":
+        return RandomPolicy(action_space.low, action_space.high)
+    if name.endswith(".npz"):
+        return MLPPolicy.load(name, deterministic=False)
+    path = POLICIES_DIR / f"{task.env}-{name}.npz"
+    if path.exists():
+        return MLPPolicy.load(path, deterministic=False)
+    raise UserError(f"unknown behaviour policy {name!r} for {task.env}; valid: "
+                    f"{', '.join(behavior_names())}, or a path to a policy .npz")
+
+
+def collect_episodes(task: Task, behavior, steps, seed=0, n_envs=16, progress=True):
+    """Run `behavior` in n_envs envs in lockstep until `steps` steps have been started;
+    episodes already running then finish. Episode i is reset with seed + i. Returns a
+    list of dicts of arrays (observations has one row more than actions)."""
+    envs = [make_env(task) for _ in range(n_envs)]
+    rng = np.random.default_rng(seed)
+    launched, started_steps = 0, 0
+    finished = {}
+    current = [None] * n_envs  # per slot: (episode index, obs list, actions, rewards)
+    obs = np.zeros((n_envs,) + envs[0].observation_space.shape)
+
+    def launch(slot):
+        nonlocal launched
+        o, _ = envs[slot].reset(seed=seed + launched)
+        obs[slot] = o
+        current[slot] = (launched, [o], [], [], [])
+        launched += 1
+
+    for slot in range(n_envs):
+        launch(slot)
+    bar = tqdm(total=steps, desc=f"collect {task.name}", unit="step", disable=not progress)
+    while any(c is not None for c in current):
+        active = [s for s in range(n_envs) if current[s] is not None]
+        actions = behavior.act(obs[active], rng)
+        for slot, action in zip(active, actions):
+            o, r, terminated, truncated, _ = envs[slot].step(action)
+            index, observations, acts, rewards, ends = current[slot]
+            observations.append(o)
+            acts.append(action)
+            rewards.append(r)
+            ends.append(terminated)
+            obs[slot] = o
+            started_steps += 1
+            bar.update(1)
+            if terminated or truncated:
+                finished[index] = {
+                    "observations": np.asarray(observations), "actions": np.asarray(acts),
+                    "rewards": np.asarray(rewards), "terminations": np.asarray(ends),
+                    "truncations": np.asarray([False] * (len(ends) - 1) + [not terminated]),
+                    "seed": seed + index,
+                }
+                current[slot] = None
+                if started_steps < steps:
+                    launch(slot)
+    bar.close()
+    return [finished[i] for i in sorted(finished)]
+
+
+def build_dataset(task: Task, behavior_name, steps, seed=0, n_envs=16, overwrite=False,
+                  progress=True):
+    """Collect episodes with a behaviour policy and write them as the Minari dataset
+    task.local_id. Returns the dataset."""
+    minari = _minari()
+    if steps <= 0:
+        raise UserError(f"--steps must be positive, got {steps}")
+    if is_local(task.local_id) and not overwrite:
+        raise UserError(f"dataset {task.local_id} already exists; pass --overwrite to rebuild it")
+    env = make_env(task)
+    behavior = make_behavior(behavior_name, task, env.action_space)
+    episodes = collect_episodes(task, behavior, steps, seed, n_envs, progress)
+    from minari.data_collector import EpisodeBuffer
+
+    buffers = [EpisodeBuffer(id=i, **ep) for i, ep in enumerate(episodes)]
+    description = (f"dtmem local build: {len(buffers)} episodes of {task.env_id}, behaviour "
+                   f"policy {behavior_name!r}, {steps} steps requested, {n_envs} envs in "
+                   f"lockstep, episode i reset with seed {seed} + i. Reference returns: "
+                   f"{task.ref_source} ({task.ref_min}, {task.ref_max}).")
+    if is_local(task.local_id):  # deleted only now, so a failed collection loses nothing
+        minari.delete_dataset(task.local_id)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Minari nags about author e-mail
+            return minari.create_dataset_from_buffers(
+                task.local_id, buffers, env=env, eval_env=task.env_id,
+                algorithm_name=f"dtmem-{behavior_name}", author="dtmem",
+                code_permalink=f"dtmem commit {git_commit()}", description=description,
+                ref_min_score=task.ref_min, ref_max_score=task.ref_max)
+    except BaseException:
+        # Never leave a half-written dataset behind (Ctrl-C included).
+        if is_local(task.local_id):
+            minari.delete_dataset(task.local_id)
+        raise

@@ -1,0 +1,71 @@
+"""Atomic file writes and the provenance every results file and checkpoint carries."""
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from dtmem.errors import UserError
+from dtmem.tasks import ROOT
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success it replaces `path` in one step,
+    so readers never see a half-written file. An unwritable place is a UserError."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}; choose a writable path") from None
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def ensure_writable(path):
+    """Fail now, before any work, if `path` could not be written later."""
+    with atomic_path(Path(path).with_name(Path(path).name + ".check")) as tmp:
+        tmp.write_text("")
+    os.unlink(Path(path).with_name(Path(path).name + ".check"))
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = out.stdout.strip() if out.returncode == 0 else "unknown"
+    return commit + ("+dirty" if dirty.strip() and commit != "unknown" else "")
+
+
+def provenance(**extra):
+    """Who made a result and how: command, commit, date, machine, plus `extra`."""
+    import torch
+
+    return {
+        "command": " ".join(sys.argv),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cores": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "torch": str(torch.__version__)},
+        **extra,
+    }

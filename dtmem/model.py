@@ -1,0 +1,147 @@
+"""The Decision Transformer (Chen et al. 2021): training forward and KV-cached decode.
+
+Each timestep t contributes three tokens, return-to-go R_t, state s_t, action a_t, in that
+order; the action is predicted from the state token. As in the reference model there is
+no positional embedding: a learned timestep embedding is added to all three tokens.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dtmem.cache import ACTION, RETURN, STATE, KVCache
+
+
+@dataclass
+class DTConfig:
+    state_dim: int
+    act_dim: int
+    context_steps: int = 20  # K: timesteps in the training window
+    n_layer: int = 3
+    n_head: int = 1
+    n_embd: int = 128
+    dropout: float = 0.1
+    max_timestep: int = 1000  # entries of the timestep embedding
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class Block(nn.Module):
+    """GPT-2 block (pre-LayerNorm) with ReLU, as the reference DT configures it."""
+
+    def __init__(self, cfg: DTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.ReLU(),
+            nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def heads(self, x):
+        """[B, T, C] -> q, k, v each [B, H, T, C/H]."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).split(C, dim=-1)
+        return [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]
+
+    def finish(self, x, y):
+        """Merge heads of the attention output y [B, H, T, D], then residual and MLP."""
+        B, T, C = x.shape
+        x = x + self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        return x + self.mlp(self.ln_2(x))
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.finish(x, y)
+
+    def decode(self, x, cache: KVCache, layer, pos, want_attention):
+        """x [E, n, C]: new tokens at cache positions pos [E, n]; attends to the valid
+        cached tokens of this layer and, causally, to the new ones."""
+        q, k, v = self.heads(x)
+        cache.write(layer, k, v)
+        span = cache.span(layer)
+        keys = cache.keys[layer, :, :, :span]  # [E, H, S, D]
+        values = cache.values[layer, :, :, :span]
+        scores = q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [E, H, n, S]
+        seen = torch.arange(span, device=x.device)[None, None, :] <= pos[:, :, None]
+        allowed = cache.valid[layer, :, None, :span] & seen  # [E, n, S]
+        # A finite fill keeps rows without any key (idle slots) free of NaNs.
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        probs = scores.softmax(-1)
+        return self.finish(x, probs @ values), (probs if want_attention else None)
+
+
+class DecisionTransformer(nn.Module):
+    def __init__(self, cfg: DTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_timestep = nn.Embedding(cfg.max_timestep, cfg.n_embd)
+        self.embed_return = nn.Linear(1, cfg.n_embd)
+        self.embed_state = nn.Linear(cfg.state_dim, cfg.n_embd)
+        self.embed_action = nn.Linear(cfg.act_dim, cfg.n_embd)
+        self.embed_ln = nn.LayerNorm(cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.predict_action = nn.Sequential(nn.Linear(cfg.n_embd, cfg.act_dim), nn.Tanh())
+
+    def embed(self, rtg, states, actions, timesteps):
+        """rtg [B, T, 1], states [B, T, S], actions [B, T, A], timesteps [B, T]
+        -> tokens [B, T, 3, C] ordered (return, state, action) within each step."""
+        time = self.embed_timestep(timesteps.clamp(0, self.cfg.max_timestep - 1))
+        return torch.stack([self.embed_return(rtg) + time, self.embed_state(states) + time,
+                            self.embed_action(actions) + time], dim=2)
+
+    def forward(self, rtg, states, actions, timesteps):
+        """Causal forward over whole windows; returns the action predicted at every
+        state token, [B, T, A]. Windows are right-padded, so causal attention alone keeps
+        real tokens from seeing padding."""
+        B, T, _ = states.shape
+        x = self.embed(rtg, states, actions, timesteps).reshape(B, 3 * T, -1)
+        x = self.drop(self.embed_ln(x))
+        for block in self.blocks:
+            x = block(x)
+        return self.predict_action(self.ln_f(x[:, STATE::3]))
+
+    def new_cache(self, n_slots, capacity, device=None):
+        cfg = self.cfg
+        device = device or next(self.parameters()).device
+        return KVCache(cfg.n_layer, n_slots, cfg.n_head, cfg.n_embd // cfg.n_head, capacity,
+                       device=device, dtype=next(self.parameters()).dtype)
+
+    @torch.no_grad()
+    def decode(self, cache: KVCache, prev_action, rtg, state, timestep, active,
+               want_attention=False):
+        """One env step for E slots: append (a_{t-1}, R_t, s_t) and predict a_t.
+
+        prev_action [E, A], rtg [E, 1], state [E, S], timestep [E] (t), active [E] bool.
+        A slot at t = 0 has no previous action; an inactive slot appends nothing.
+        Returns actions [E, A], and per layer the attention probabilities of the new
+        queries over the cache positions [E, H, 3, span] (or None).
+        """
+        E = state.shape[0]
+        step = torch.stack([timestep - 1, timestep, timestep], dim=1)  # [E, 3]
+        kind = torch.tensor([ACTION, RETURN, STATE], device=state.device).expand(E, 3)
+        new_valid = active[:, None] & torch.stack(
+            [timestep > 0, torch.ones_like(active), torch.ones_like(active)], dim=1)
+        time = self.embed_timestep(step.clamp(0, self.cfg.max_timestep - 1))  # [E, 3, C]
+        x = torch.stack([self.embed_action(prev_action), self.embed_return(rtg),
+                         self.embed_state(state)], dim=1) + time
+        x = self.embed_ln(x)
+        pos = cache.append(new_valid, step, kind)
+        attention = []
+        for layer, block in enumerate(self.blocks):
+            x, probs = block.decode(x, cache, layer, pos[layer], want_attention)
+            attention.append(probs)
+        actions = self.predict_action(self.ln_f(x[:, 2]))
+        return actions, (attention if want_attention else None)

@@ -1,0 +1,168 @@
+"""The batched rollout engine: E episode slots in lockstep, one batched model call per step.
+
+Episode i is always reset with env seed `seed + i`, whatever the slot count or policy,
+so every policy meets the same initial states (common random numbers). When an episode
+ends its slot is cleared and takes the next episode, or idles once none are left.
+"""
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dtmem.memory import make_policy
+from dtmem.model import DecisionTransformer
+from dtmem.stats import bootstrap_ci
+from dtmem.tasks import Task, make_env
+
+
+@dataclass
+class EpisodeResult:
+    episode: int
+    seed: int
+    ret: float
+    length: int
+    score: float  # normalised, 100 = the task's ref_max
+    mean_tokens: float  # tokens the state query attended to, mean over steps and layers
+    max_tokens: int
+
+
+def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, policy="recompute",
+            episodes=10, slots=None, seed=0, target_return=None, progress=False):
+    """Run `episodes` episodes with memory policy `policy` in min(slots, episodes) slots.
+    Returns (list of EpisodeResult in episode order, number of env steps taken)."""
+    device = next(model.parameters()).device
+    cfg = model.cfg
+    E = min(slots or episodes, episodes)
+    K, T = cfg.context_steps, task.max_episode_steps
+    target = task.target_return if target_return is None else target_return
+    mean = torch.as_tensor(state_mean, dtype=torch.float32, device=device)
+    std = torch.as_tensor(state_std, dtype=torch.float32, device=device)
+    envs = [make_env(task) for _ in range(E)]
+    low, high = envs[0].action_space.low, envs[0].action_space.high
+
+    recompute = policy == "recompute"
+    if recompute:
+        # Histories of every slot, for re-running the last K steps at each step.
+        hist_states = torch.zeros(E, T, cfg.state_dim, device=device)
+        hist_actions = torch.zeros(E, T, cfg.act_dim, device=device)
+        hist_rtg = torch.zeros(E, T, 1, device=device)
+    else:
+        memory = make_policy(policy, K, 3 * T)
+        cache = model.new_cache(E, memory.capacity(), device)
+
+    episode = np.full(E, -1)  # episode index in each slot, -1 when idle
+    t = torch.zeros(E, dtype=torch.long, device=device)
+    rtg = torch.zeros(E, 1, device=device)
+    prev_action = torch.zeros(E, cfg.act_dim, device=device)
+    state = torch.zeros(E, cfg.state_dim, device=device)
+    ret, token_sum, token_max = np.zeros(E), np.zeros(E), np.zeros(E, dtype=np.int64)
+    results, next_episode, env_steps = {}, 0, 0
+
+    def start(slot):
+        nonlocal next_episode
+        obs, _ = envs[slot].reset(seed=seed + next_episode)
+        episode[slot] = next_episode
+        next_episode += 1
+        t[slot], rtg[slot], ret[slot] = 0, target / task.return_scale, 0.0
+        prev_action[slot] = 0.0
+        state[slot] = (torch.as_tensor(obs, dtype=torch.float32, device=device) - mean) / std
+        token_sum[slot], token_max[slot] = 0, 0
+
+    for slot in range(E):
+        start(slot)
+    bar = tqdm(total=episodes, desc=f"{task.name} {policy}", unit="ep", disable=not progress)
+    with torch.no_grad():
+        while (episode >= 0).any():
+            active_np = episode >= 0
+            active = torch.as_tensor(active_np, device=device)
+            if recompute:
+                actions, tokens = _recompute_step(model, hist_states, hist_actions, hist_rtg,
+                                                  state, rtg, t, K)
+            else:
+                actions, attention = model.decode(cache, prev_action, rtg, state, t, active,
+                                                  want_attention=memory.needs_attention)
+                tokens = cache.held().float().mean(0)  # [E], before this step's eviction
+                memory.after_step(cache, t, attention)
+            tokens = tokens.cpu().numpy()
+            actions_np = np.clip(actions.cpu().numpy(), low, high)
+            finished = []
+            for slot in np.flatnonzero(active_np):
+                obs, reward, terminated, truncated, _ = envs[slot].step(actions_np[slot])
+                env_steps += 1
+                ret[slot] += reward
+                token_sum[slot] += tokens[slot]
+                token_max[slot] = max(token_max[slot], int(round(tokens[slot])))
+                rtg[slot] -= reward / task.return_scale
+                state[slot] = (torch.as_tensor(obs, dtype=torch.float32, device=device) - mean) / std
+                if terminated or truncated:
+                    finished.append(slot)
+            prev_action.copy_(actions)
+            t += active.long()
+            for slot in finished:
+                i = int(episode[slot])
+                length = int(t[slot])
+                results[i] = EpisodeResult(
+                    episode=i, seed=seed + i, ret=float(ret[slot]), length=length,
+                    score=float(task.normalise(ret[slot])),
+                    mean_tokens=float(token_sum[slot] / length), max_tokens=int(token_max[slot]))
+                bar.update(1)
+                if not recompute:
+                    cache.reset(torch.tensor([slot], device=device))
+                    memory.reset(torch.tensor([slot], device=device))
+                if next_episode < episodes:
+                    start(slot)
+                else:
+                    episode[slot] = -1
+    bar.close()
+    return [results[i] for i in range(episodes)], env_steps
+
+
+def _recompute_step(model, hist_states, hist_actions, hist_rtg, state, rtg, t, K):
+    """The field's standard evaluation: a full forward over the last K steps of every
+    slot (right-padded, so causal attention alone hides padding). Records the current
+    step in the histories. Returns (actions [E, A], tokens attended [E])."""
+    E = state.shape[0]
+    rows = torch.arange(E, device=state.device)
+    last = t.clamp(max=hist_states.shape[1] - 1)
+    hist_states[rows, last] = state
+    hist_rtg[rows, last] = rtg
+    length = (t + 1).clamp(max=K)  # steps in each slot's window
+    first = t + 1 - length
+    step = first[:, None] + torch.arange(K, device=state.device)  # [E, K]
+    inside = step <= t[:, None]
+    index = torch.where(inside, step, last[:, None])
+    pick = lambda h: h[rows[:, None], index] * inside[..., None]  # noqa: E731
+    preds = model(pick(hist_rtg), pick(hist_states), pick(hist_actions), index * inside)
+    actions = preds[rows, length - 1]  # [E, A]
+    hist_actions[rows, last] = actions
+    return actions, (3 * length - 1).float()
+
+
+def summarize(results):
+    """Mean, 95% bootstrap CI and token counts over episodes."""
+    scores = np.array([r.score for r in results])
+    returns = np.array([r.ret for r in results])
+    lo, hi = bootstrap_ci(scores)
+    return {
+        "episodes": len(results),
+        "mean_return": float(returns.mean()),
+        "mean_score": float(scores.mean()),
+        "score_ci95": [lo, hi],
+        "mean_length": float(np.mean([r.length for r in results])),
+        "mean_tokens": float(np.mean([r.mean_tokens for r in results])),
+        "max_tokens": int(max(r.max_tokens for r in results)),
+    }
+
+
+def results_file(results, summary, **context):
+    return {**context, "summary": summary, "episodes": [asdict(r) for r in results]}
+
+
+def timed_rollout(*args, **kwargs):
+    """rollout plus its wall time in seconds."""
+    begin = time.perf_counter()
+    results, env_steps = rollout(*args, **kwargs)
+    return results, env_steps, time.perf_counter() - begin
