@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from typing import Protocol
 
@@ -122,9 +121,10 @@ class MLPPolicy:
         }
         for i, (w, b) in enumerate(self.weights):
             arrays[f"w{i}"], arrays[f"b{i}"] = w, b
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".npz")
+        # Same directory so os.replace is an atomic rename; pid keeps concurrent writers apart.
+        tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())

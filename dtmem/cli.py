@@ -221,7 +221,10 @@ COMMANDS = {
 
 
 def main(argv=None):
-    args = make_parser().parse_args(argv)
+    try:
+        args = make_parser().parse_args(argv)
+    except SystemExit as e:  # argparse's own usage errors (already one line) and --help
+        return e.code
     sub = getattr(args, "data_command", None) or getattr(args, "bench_command", None)
     try:
         COMMANDS[(args.command, sub)](args)

@@ -1,0 +1,170 @@
+"""The `dtmem` command end to end on real envs and a real local dataset, and every kind
+of bad input: one line on stderr, exit code 2, no traceback, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dtmem.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err):
+    return code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_data_list_shows_eight_tasks_and_local_presence(capsys, hopper_dataset):
+    code, out, _ = run(capsys, "data", "list")
+    assert code == 0
+    rows = [line for line in out.splitlines()[1:] if line.strip()]
+    assert len(rows) == 8
+    assert "dtmem/hopper/medium-v0 (present)" in out
+    assert "walker2d-expert" in out and "(present)" not in out.split("walker2d-expert")[1].split("\n")[0]
+
+
+@pytest.mark.parametrize("policy", ["recompute", "window", "full"])
+def test_rollout_every_base_policy_writes_results_with_provenance(capsys, tmp_path, checkpoint,
+                                                                  policy):
+    out = tmp_path / "r.json"
+    code, stdout, _ = run(capsys, "rollout", "--env", "hopper", "--policy", policy,
+                          "--episodes", "3", "--slots", "2", "--checkpoint", str(checkpoint),
+                          "--json", str(out))
+    assert code == 0 and "normalised score" in stdout
+    result = json.loads(out.read_text())
+    assert result["policy"] == policy and len(result["episodes"]) == 3
+    assert [e["seed"] for e in result["episodes"]] == [0, 1, 2]
+    assert result["dataset_id"] == "dtmem/hopper/medium-v0"
+    for key in ("command", "commit", "date", "machine", "wall_seconds"):
+        assert key in result["provenance"]
+    assert all(e["max_tokens"] <= 3 * 20 for e in result["episodes"]) or policy == "full"
+
+
+def test_same_seed_same_numbers_and_slots_do_not_matter_for_recompute(capsys, tmp_path, checkpoint):
+    returns = []
+    for slots in ("1", "3", "3"):
+        out = tmp_path / f"r{len(returns)}.json"
+        run(capsys, "rollout", "--task", "hopper-medium", "--episodes", "3", "--slots", slots,
+            "--checkpoint", str(checkpoint), "--json", str(out))
+        returns.append([e["ret"] for e in json.loads(out.read_text())["episodes"]])
+    assert returns[1] == returns[2]
+    assert returns[0] == pytest.approx(returns[1], rel=1e-4)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(hopper_dataset, tmp_path,
+                                                         monkeypatch):
+    import torch
+
+    from dtmem.checkpoints import read_checkpoint
+    from dtmem.data import WindowSampler
+    from dtmem.train import TrainConfig, train
+
+    cfg = TrainConfig(steps=12, batch_size=8, n_layer=1, n_embd=16, eval_every=0,
+                      eval_episodes=1, checkpoint_every=100, warmup_steps=4)
+    train(cfg, tmp_path / "straight.pt", progress=False)
+
+    sample, calls = WindowSampler.sample, []
+
+    def interrupt_at_step_7(self, batch_size):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt  # Ctrl-C: the trainer saves, then stops
+        return sample(self, batch_size)
+
+    monkeypatch.setattr(WindowSampler, "sample", interrupt_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed.pt", progress=False)
+    assert read_checkpoint(tmp_path / "resumed.pt")["steps"] == 6
+    monkeypatch.setattr(WindowSampler, "sample", sample)
+    train(cfg, tmp_path / "resumed.pt", resume=True, progress=False)
+    a, b = (read_checkpoint(tmp_path / n) for n in ("straight.pt", "resumed.pt"))
+    assert a["steps"] == b["steps"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_console_script_exit_code_and_single_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dtmem.cli", "rollout", "--policy", "nope"],
+                          capture_output=True, text=True)
+    assert one_line_error(proc.returncode, proc.stderr)
+    assert "valid policies: recompute, " in proc.stderr
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["rollout", "--task", "hopper-hard"], "unknown task"),
+    (["rollout", "--env", "pong"], "unknown env"),
+    (["rollout", "--policy", "magic"], "unknown policy"),
+    (["rollout", "--episodes", "0"], "must be positive"),
+    (["rollout", "--episodes", "-3"], "must be positive"),
+    (["train", "--steps", "0"], "must be positive"),
+    (["data", "build", "--env", "hopper", "--steps", "0"], "must be positive"),
+    (["data", "build", "--env", "hopper", "--behavior", "wizard", "--overwrite"],
+     "unknown behaviour policy"),
+    (["data", "build", "--env", "hopper", "--steps", "10"], "already exists"),
+    (["train", "--env", "walker2d", "--steps", "5"], "no dataset for walker2d-medium"),
+    (["rollout", "--checkpoint", "/nonexistent/ckpt.pt"], "does not exist"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, hopper_dataset, argv, needle):
+    code, _, err = run(capsys, *argv)
+    assert one_line_error(code, err), err
+    assert needle in err
+
+
+def test_checkpoint_for_another_env_is_refused(capsys, checkpoint):
+    code, _, err = run(capsys, "rollout", "--env", "halfcheetah", "--checkpoint", str(checkpoint))
+    assert one_line_error(code, err) and "does not fit" in err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_checkpoint_is_refused(capsys, tmp_path, checkpoint, damage):
+    bad = tmp_path / "bad.pt"
+    data = checkpoint.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a checkpoint")
+    code, _, err = run(capsys, "rollout", "--checkpoint", str(bad))
+    assert one_line_error(code, err) and "corrupt" in err
+
+
+def test_checkpoint_with_code_is_not_executed(capsys, tmp_path):
+    """A pickle that would run code on load is refused by weights_only loading."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open(%r, 'w').write('pwned')" % str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(pickle.dumps(Evil()))
+    code, _, err = run(capsys, "rollout", "--checkpoint", str(bad))
+    assert one_line_error(code, err) and not (tmp_path / "pwned").exists()
+
+
+def test_unwritable_output_path_fails_before_work_and_writes_nothing(capsys, tmp_path, checkpoint):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run(capsys, "rollout", "--checkpoint", str(checkpoint), "--json",
+                       str(blocker / "out.json"))
+    assert one_line_error(code, err) and "cannot write" in err
+    code, _, err = run(capsys, "train", "--steps", "5", "--out", str(blocker / "x.pt"))
+    assert one_line_error(code, err)
+    assert blocker.read_text() == "" and list(tmp_path.iterdir()) == [blocker]
+
+
+def test_download_failure_offline_gives_the_build_command(capsys, hopper_dataset, monkeypatch):
+    """The remote hub cannot exist here: its failure is simulated at minari's download."""
+    import minari
+
+    def offline(dataset_id, download=False):
+        if download:
+            raise ConnectionError("no network")
+        raise FileNotFoundError(dataset_id)
+
+    monkeypatch.setattr(minari, "load_dataset", offline)
+    code, _, err = run(capsys, "train", "--env", "ant", "--steps", "5", "--download")
+    assert one_line_error(code, err)
+    assert "could not download mujoco/ant/medium-v0" in err and "dtmem data build" in err

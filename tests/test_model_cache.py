@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from dtmem.memory import make_policy
+from dtmem.model import DecisionTransformer, DTConfig
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return DecisionTransformer(DTConfig(state_dim=5, act_dim=2, n_layer=2, n_embd=32)).eval()
+
+
+def episode_inputs(E, T, S=5, A=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(E, T, 1, generator=g), torch.randn(E, T, S, generator=g),
+            torch.rand(E, T, A, generator=g) * 2 - 1)
+
+
+def decode_all(model, cache, rtg, states, actions, policy=None, start=None):
+    """Decode T steps for E slots (slot e starts at step start[e]); returns [E, T, A]."""
+    E, T, _ = states.shape
+    start = torch.zeros(E, dtype=torch.long) if start is None else start
+    outputs = []
+    for step in range(T):
+        t = (step - start).clamp(min=0)
+        active = step >= start
+        prev = torch.where((t > 0)[:, None], actions[:, step - 1], 0.0)
+        out, attn = model.decode(cache, prev, rtg[:, step], states[:, step], t, active,
+                                 want_attention=True)
+        if policy is not None:
+            policy.after_step(cache, t, attn)
+        outputs.append(out)
+    return torch.stack(outputs, 1), attn
+
+
+def test_cached_decode_equals_full_forward(model):
+    rtg, states, actions = episode_inputs(E=3, T=40)
+    reference = model(rtg, states, actions, torch.arange(40).expand(3, 40))
+    cache = model.new_cache(3, capacity=120)
+    decoded, _ = decode_all(model, cache, rtg, states, actions)
+    assert (decoded - reference).abs().max() < 1e-5
+
+
+def test_slots_starting_at_different_steps_match_their_own_forward(model):
+    rtg, states, actions = episode_inputs(E=2, T=30)
+    cache = model.new_cache(2, capacity=90)
+    start = torch.tensor([0, 7])
+    decoded, _ = decode_all(model, cache, rtg, states, actions, start=start)
+    # Slot 1 saw steps 7..29 as its timesteps 0..22.
+    late = model(rtg[1:, 7:], states[1:, 7:], actions[1:, 7:], torch.arange(23)[None])
+    assert (decoded[1, 7:] - late[0]).abs().max() < 1e-5
+    early = model(rtg[:1], states[:1], actions[:1], torch.arange(30)[None])
+    assert (decoded[0] - early[0]).abs().max() < 1e-5
+
+
+def test_window_compaction_changes_nothing(model):
+    """A window cache that compacts often gives the same actions as one that never does."""
+    rtg, states, actions = episode_inputs(E=2, T=60)
+    results = []
+    for capacity in (3 * 60, 3 * 20 + 3):
+        policy = make_policy("window", context_steps=20, max_tokens=180)
+        cache = model.new_cache(2, capacity)
+        results.append(decode_all(model, cache, rtg, states, actions, policy)[0])
+        assert int(cache.held().max()) <= 3 * 20
+    assert (results[0] - results[1]).abs().max() < 1e-6
+
+
+def test_window_keeps_exactly_the_last_k_steps(model):
+    rtg, states, actions = episode_inputs(E=1, T=30)
+    policy = make_policy("window", context_steps=5, max_tokens=90)
+    cache = model.new_cache(1, policy.capacity())
+    decode_all(model, cache, rtg, states, actions, policy)
+    for layer in range(2):
+        valid = cache.valid[layer, 0]
+        order = cache.arrival[layer, 0][valid].argsort()
+        kept = cache.timestep[layer, 0][valid][order].tolist()
+        # After step 29 the next step (30) needs steps 26..30, so 26..29 stay: R, s, a of
+        # 26..28 and R, s of 29 (its action is appended with step 30).
+        assert kept == [26] * 3 + [27] * 3 + [28] * 3 + [29] * 2
+
+
+def test_evicted_tokens_get_zero_attention(model):
+    rtg, states, actions = episode_inputs(E=2, T=12)
+    cache = model.new_cache(2, capacity=36)
+    decode_all(model, cache, rtg[:, :10], states[:, :10], actions[:, :10])
+    evict = torch.zeros_like(cache.valid)
+    evict[:, 0, 3:9] = True  # layer-wide, slot 0, a run of middle tokens
+    evict[1, 1, 0:2] = True  # layer 1 only, slot 1
+    cache.evict(evict)
+    t = torch.tensor([10, 10])
+    _, attn = model.decode(cache, actions[:, 9], rtg[:, 10], states[:, 10], t,
+                           torch.tensor([True, True]), want_attention=True)
+    for layer, probs in enumerate(attn):
+        span = probs.shape[-1]
+        assert probs[:, :, :, :span].masked_select(evict[layer, :, None, None, :span]).abs().max() == 0
+        assert torch.allclose(probs.sum(-1), torch.ones(()))
