@@ -49,6 +49,12 @@ def add_task_flags(parser):
     group.add_argument("--task", help="a task by name, e.g. hopper-expert")
 
 
+def add_threads_flag(parser):
+    # A rollout step is many tiny tensor ops: extra CPU threads only add synchronisation.
+    parser.add_argument("--threads", type=positive, default=1,
+                        help="CPU threads for torch (default 1, fastest for rollouts)")
+
+
 def positive(text):
     value = int(text)
     if value <= 0:
@@ -92,14 +98,18 @@ def make_parser():
     roll.add_argument("--checkpoint", help="default: the shipped data/checkpoints/<task>.pt")
     roll.add_argument("--json", help="write a results file with provenance here")
     roll.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_threads_flag(roll)
 
     bench = commands.add_parser("bench", help="throughput benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
     bench_roll = bench_commands.add_parser("rollout", help="rollout speed vs env stepping")
     add_task_flags(bench_roll)
+    # HalfCheetah never terminates: every episode is 1000 steps, whatever the checkpoint.
+    bench_roll.set_defaults(env="halfcheetah")
     bench_roll.add_argument("--checkpoint", help="default: the shipped checkpoint, else an "
                             "untrained DT of the default size")
     bench_roll.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_threads_flag(bench_roll)
     return parser
 
 
@@ -160,6 +170,9 @@ def cmd_rollout(args):
     from dtmem.rollout import results_file, summarize, timed_rollout
     from dtmem.train import pick_device
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     task = resolve_task(args.env, args.task)
     if args.policy != "recompute":
         make_policy(args.policy, 1, 1)  # fail on an unknown policy before any work
@@ -195,6 +208,7 @@ def cmd_bench_rollout(args):
     from dtmem.tasks import make_env
     from dtmem.train import pick_device
 
+    torch.set_num_threads(args.threads)
     task = resolve_task(args.env, args.task)
     device = pick_device(args.device)
     if args.checkpoint or (CHECKPOINTS_DIR / f"{task.name}.pt").exists():

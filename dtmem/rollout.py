@@ -53,22 +53,22 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, polic
         memory = make_policy(policy, K, 3 * T)
         cache = model.new_cache(E, memory.capacity(), device)
 
+    # Per-slot bookkeeping lives in numpy (cheap scalar updates); the model gets tensors.
     episode = np.full(E, -1)  # episode index in each slot, -1 when idle
-    t = torch.zeros(E, dtype=torch.long, device=device)
-    rtg = torch.zeros(E, 1, device=device)
+    t = np.zeros(E, dtype=np.int64)
+    rtg = np.zeros(E)
+    obs = np.zeros((E, cfg.state_dim), dtype=np.float32)
     prev_action = torch.zeros(E, cfg.act_dim, device=device)
-    state = torch.zeros(E, cfg.state_dim, device=device)
-    ret, token_sum, token_max = np.zeros(E), np.zeros(E), np.zeros(E, dtype=np.int64)
+    ret, token_sum, token_max = np.zeros(E), np.zeros(E), np.zeros(E)
     results, next_episode, env_steps = {}, 0, 0
 
     def start(slot):
         nonlocal next_episode
-        obs, _ = envs[slot].reset(seed=seed + next_episode)
+        obs[slot], _ = envs[slot].reset(seed=seed + next_episode)
         episode[slot] = next_episode
         next_episode += 1
         t[slot], rtg[slot], ret[slot] = 0, target / task.return_scale, 0.0
         prev_action[slot] = 0.0
-        state[slot] = (torch.as_tensor(obs, dtype=torch.float32, device=device) - mean) / std
         token_sum[slot], token_max[slot] = 0, 0
 
     for slot in range(E):
@@ -77,37 +77,40 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, polic
     with torch.no_grad():
         while (episode >= 0).any():
             active_np = episode >= 0
-            active = torch.as_tensor(active_np, device=device)
+            active = torch.from_numpy(active_np).to(device)
+            state = (torch.from_numpy(obs).to(device) - mean) / std
+            rtg_now = torch.from_numpy(rtg[:, None]).float().to(device)
+            t_now = torch.from_numpy(t).to(device)
             if recompute:
                 actions, tokens = _recompute_step(model, hist_states, hist_actions, hist_rtg,
-                                                  state, rtg, t, K)
+                                                  state, rtg_now, t_now, K)
             else:
-                actions, attention = model.decode(cache, prev_action, rtg, state, t, active,
-                                                  want_attention=memory.needs_attention)
+                actions, attention = model.decode(cache, prev_action, rtg_now, state, t_now,
+                                                  active, want_attention=memory.needs_attention)
                 tokens = cache.held().float().mean(0)  # [E], before this step's eviction
-                memory.after_step(cache, t, attention)
+                memory.after_step(cache, t_now, attention)
             tokens = tokens.cpu().numpy()
+            token_sum[active_np] += tokens[active_np]
+            token_max[active_np] = np.maximum(token_max[active_np], tokens[active_np])
             actions_np = np.clip(actions.cpu().numpy(), low, high)
             finished = []
             for slot in np.flatnonzero(active_np):
-                obs, reward, terminated, truncated, _ = envs[slot].step(actions_np[slot])
+                obs[slot], reward, terminated, truncated, _ = envs[slot].step(actions_np[slot])
                 env_steps += 1
                 ret[slot] += reward
-                token_sum[slot] += tokens[slot]
-                token_max[slot] = max(token_max[slot], int(round(tokens[slot])))
                 rtg[slot] -= reward / task.return_scale
-                state[slot] = (torch.as_tensor(obs, dtype=torch.float32, device=device) - mean) / std
                 if terminated or truncated:
                     finished.append(slot)
             prev_action.copy_(actions)
-            t += active.long()
+            t[active_np] += 1
             for slot in finished:
                 i = int(episode[slot])
                 length = int(t[slot])
                 results[i] = EpisodeResult(
                     episode=i, seed=seed + i, ret=float(ret[slot]), length=length,
                     score=float(task.normalise(ret[slot])),
-                    mean_tokens=float(token_sum[slot] / length), max_tokens=int(token_max[slot]))
+                    mean_tokens=float(token_sum[slot] / length),
+                    max_tokens=int(round(token_max[slot])))
                 bar.update(1)
                 if not recompute:
                     cache.reset(torch.tensor([slot], device=device))
