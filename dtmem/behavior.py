@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from dtmem.errors import UserError
+from dtmem.files import atomic_path
 
 
 class BehaviorPolicy(Protocol):
@@ -121,18 +122,9 @@ class MLPPolicy:
         }
         for i, (w, b) in enumerate(self.weights):
             arrays[f"w{i}"], arrays[f"b{i}"] = w, b
-        # Same directory so os.replace is an atomic rename; pid keeps concurrent writers apart.
-        tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, deterministic: bool = False) -> MLPPolicy:

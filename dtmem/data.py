@@ -2,6 +2,7 @@
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -123,20 +124,22 @@ def behavior_names():
     return ["random", *shipped]
 
 
-def make_behavior(name, task: Task, action_space):
+def make_behavior(name, task: Task, observation_space, action_space):
     """`random`, a shipped policy of the task's env (`medium`, `expert`: data/policies/
     <env>-<name>.npz), or a path to a policy .npz file."""
     from dtmem.behavior import MLPPolicy, RandomPolicy
 
     if name == "random":
         return RandomPolicy(action_space.low, action_space.high)
-    if name.endswith(".npz"):
-        return MLPPolicy.load(name, deterministic=False)
-    path = POLICIES_DIR / f"{task.env}-{name}.npz"
-    if path.exists():
-        return MLPPolicy.load(path, deterministic=False)
-    raise UserError(f"unknown behaviour policy {name!r} for {task.env}; valid: "
-                    f"{', '.join(behavior_names())}, or a path to a policy .npz")
+    path = Path(name) if name.endswith(".npz") else POLICIES_DIR / f"{task.env}-{name}.npz"
+    if not name.endswith(".npz") and not path.exists():
+        raise UserError(f"unknown behaviour policy {name!r} for {task.env}; valid: "
+                        f"{', '.join(behavior_names())}, or a path to a policy .npz")
+    policy = MLPPolicy.load(path, deterministic=False)
+    if (policy.obs_dim, policy.act_dim) != (observation_space.shape[0], action_space.shape[0]):
+        raise UserError(f"behaviour policy {path} is for observations of size {policy.obs_dim} "
+                        f"and actions of size {policy.act_dim}, not {task.env_id}'s")
+    return policy
 
 
 def collect_episodes(task: Task, behavior, steps, seed=0, n_envs=16, progress=True):
@@ -197,7 +200,7 @@ def build_dataset(task: Task, behavior_name, steps, seed=0, n_envs=16, overwrite
     if is_local(task.local_id) and not overwrite:
         raise UserError(f"dataset {task.local_id} already exists; pass --overwrite to rebuild it")
     env = make_env(task)
-    behavior = make_behavior(behavior_name, task, env.action_space)
+    behavior = make_behavior(behavior_name, task, env.observation_space, env.action_space)
     episodes = collect_episodes(task, behavior, steps, seed, n_envs, progress)
     from minari.data_collector import EpisodeBuffer
 

@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import gymnasium as gym
 import numpy as np

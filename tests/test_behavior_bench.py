@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+
+from dtmem.behavior import MLPPolicy
+from dtmem.cli import main
+from dtmem.errors import UserError
+
+
+def tiny_policy(obs_dim=11, act_dim=3, seed=0):
+    rng = np.random.default_rng(seed)
+    weights = [(rng.normal(size=(obs_dim, 8)), np.zeros(8)),
+               (rng.normal(size=(8, act_dim)), np.zeros(act_dim))]
+    return MLPPolicy(weights, log_std=np.full(act_dim, -1.0), obs_mean=np.zeros(obs_dim),
+                     obs_var=np.ones(obs_dim), action_low=-np.ones(act_dim),
+                     action_high=np.ones(act_dim), activation="tanh")
+
+
+def test_policy_file_round_trip_and_corruption(tmp_path):
+    policy = tiny_policy()
+    policy.save(tmp_path / "p.npz")
+    loaded = MLPPolicy.load(tmp_path / "p.npz", deterministic=True)
+    obs = np.random.default_rng(1).normal(size=(5, 11))
+    assert np.array_equal(policy.mean(obs), loaded.mean(obs))
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    with pytest.raises(UserError):
+        MLPPolicy.load(tmp_path / "bad.npz")
+
+
+def test_data_build_with_a_policy_file_and_a_wrong_sized_one(capsys, tmp_path, minari_root):
+    tiny_policy().save(tmp_path / "hopper.npz")
+    tiny_policy(obs_dim=17, act_dim=6).save(tmp_path / "walker.npz")
+    assert main(["data", "build", "--task", "hopper-expert", "--behavior",
+                 str(tmp_path / "hopper.npz"), "--steps", "200", "--envs", "2"]) == 0
+    assert "built dtmem/hopper/expert-v0" in capsys.readouterr().out
+    code = main(["data", "build", "--task", "hopper-expert", "--overwrite", "--behavior",
+                 str(tmp_path / "walker.npz"), "--steps", "200"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not Hopper-v5's" in err
+    from dtmem.data import is_local
+    assert is_local("dtmem/hopper/expert-v0")  # the failed rebuild lost nothing
+
+
+def test_bench_rows_compare_against_the_same_episodes(checkpoint):
+    from dtmem.bench import bench_rollout, env_floor
+    from dtmem.checkpoints import load_model
+    from dtmem.tasks import resolve_task
+
+    model, payload = load_model(checkpoint)
+    task = resolve_task("hopper")
+    rows = bench_rollout(model, payload["state_mean"], payload["state_std"], task,
+                         slot_counts=(1, 2))
+    assert [(r[0], r[1]) for r in rows] == [("recompute", 1), ("window", 1), ("window", 2),
+                                            ("full", 1), ("full", 2)]
+    assert all(r[4] > 0 and r[5] > 0 for r in rows)
+    assert env_floor(task, [5, 3, 4], 2) > 0
