@@ -119,9 +119,9 @@ class WindowSampler:
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
-def behavior_names():
-    shipped = sorted({p.stem.split("-", 1)[1] for p in POLICIES_DIR.glob("*-*.npz")})
-    return ["random", *shipped]
+def behavior_names(env):
+    """Behaviour policies available for an env: random plus its shipped ones."""
+    return ["random", *sorted(p.stem.split("-", 1)[1] for p in POLICIES_DIR.glob(f"{env}-*.npz"))]
 
 
 def make_behavior(name, task: Task, observation_space, action_space):
@@ -134,7 +134,7 @@ def make_behavior(name, task: Task, observation_space, action_space):
     path = Path(name) if name.endswith(".npz") else POLICIES_DIR / f"{task.env}-{name}.npz"
     if not name.endswith(".npz") and not path.exists():
         raise UserError(f"unknown behaviour policy {name!r} for {task.env}; valid: "
-                        f"{', '.join(behavior_names())}, or a path to a policy .npz")
+                        f"{', '.join(behavior_names(task.env))}, or a path to a policy .npz")
     policy = MLPPolicy.load(path, deterministic=False)
     if (policy.obs_dim, policy.act_dim) != (observation_space.shape[0], action_space.shape[0]):
         raise UserError(f"behaviour policy {path} is for observations of size {policy.obs_dim} "

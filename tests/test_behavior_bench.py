@@ -53,3 +53,17 @@ def test_bench_rows_compare_against_the_same_episodes(checkpoint):
                                             ("full", 1), ("full", 2)]
     assert all(r[4] > 0 and r[5] > 0 for r in rows)
     assert env_floor(task, [5, 3, 4], 2) > 0
+
+
+def test_shipped_hopper_policy_collects_longer_episodes_than_random():
+    from dtmem.data import collect_episodes, make_behavior
+    from dtmem.tasks import make_env, resolve_task
+
+    task = resolve_task("hopper")
+    env = make_env(task)
+    lengths = {}
+    for name in ("random", "expert"):
+        policy = make_behavior(name, task, env.observation_space, env.action_space)
+        episodes = collect_episodes(task, policy, 400, seed=0, n_envs=2, progress=False)
+        lengths[name] = np.mean([len(e["actions"]) for e in episodes])
+    assert lengths["expert"] > 5 * lengths["random"]
