@@ -4,8 +4,10 @@ The floor is pure env stepping: the same envs, the same slot count and exactly t
 number of steps per episode as the rollout it is compared with, with random actions.
 """
 
+import multiprocessing
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -43,33 +45,39 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _measure(model, state_mean, state_std, task, policy, slots, threads):
+    torch.set_num_threads(threads)
+    results, steps, wall = timed_rollout(model, state_mean, state_std, task, policy,
+                                         episodes=slots, slots=slots, seed=0)
+    floor = env_floor(task, [r.length for r in results], slots)
+    return steps, wall, floor, peak_rss_mib()
+
+
 def bench_rollout(model, state_mean, state_std, task: Task, slot_counts=(1, 16, 64)):
-    """Rows of (policy, slots, episodes, env steps, seconds, floor seconds)."""
+    """Rows of (policy, slots, env steps, seconds, floor seconds, peak MiB). Each row runs
+    in a fresh process, so that its peak memory is its own."""
     rows = []
-
-    def measure(policy, slots):
-        results, steps, wall = timed_rollout(model, state_mean, state_std, task, policy,
-                                             episodes=slots, slots=slots, seed=0)
-        floor = env_floor(task, [r.length for r in results], slots)
-        rows.append((policy, slots, len(results), steps, wall, floor))
-
-    measure("recompute", 1)
-    for policy in ("window", "full"):
-        for slots in slot_counts:
-            measure(policy, slots)
+    configs = [("recompute", 1)] + [(p, n) for p in ("window", "full") for n in slot_counts]
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
+        for policy, slots in configs:
+            rows.append((policy, slots, *pool.submit(
+                _measure, model, state_mean, state_std, task, policy, slots,
+                torch.get_num_threads()).result()))
     return rows
 
 
 def print_bench(rows, cache_bytes):
-    base = rows[0][3] / rows[0][4]  # recompute at batch 1, episode-steps per second
+    base = rows[0][2] / rows[0][3]  # recompute at batch 1, episode-steps per second
     print(f"{'policy':10} {'slots':>5} {'steps':>7} {'steps/s':>9} {'x recompute@1':>14} "
-          f"{'wall / env floor':>17}")
-    for policy, slots, _, steps, wall, floor in rows:
+          f"{'wall / env floor':>17} {'peak MiB':>9}")
+    for policy, slots, steps, wall, floor, peak in rows:
         rate = steps / wall
         print(f"{policy:10} {slots:5d} {steps:7d} {rate:9.0f} {rate / base:14.1f} "
-              f"{wall / floor:17.2f}")
-    print(f"peak resident memory {peak_rss_mib():.0f} MiB; a whole-episode cache for "
-          f"{max(r[1] for r in rows)} slots holds {cache_bytes / 2**20:.0f} MiB of keys and values")
+              f"{wall / floor:17.2f} {peak:9.0f}")
+    print(f"(peak MiB: resident memory of the process that ran the row; a whole-episode "
+          f"cache for {max(r[1] for r in rows)} slots holds {cache_bytes / 2**20:.0f} MiB of "
+          "keys and values)")
 
 
 def cache_bytes(model, slots, tokens):

@@ -64,14 +64,17 @@ class Block(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.finish(x, y)
 
-    def decode(self, x, cache: KVCache, layer, pos, want_attention):
+    def decode(self, x, cache: KVCache, layer, pos, want_attention, last_query_only=False):
         """x [E, n, C]: new tokens at cache positions pos [E, n]; attends to the valid
-        cached tokens of this layer and, causally, to the new ones."""
+        cached tokens of this layer and, causally, to the new ones. last_query_only: the
+        caller needs only the last token's output (all keys and values are still written)."""
         q, k, v = self.heads(x)
         cache.write(layer, k, v)
+        if last_query_only:
+            x, q, pos = x[:, -1:], q[:, :, -1:], pos[:, -1:]
         span = cache.span(layer)
-        keys = cache.keys[layer, :, :, :span]  # [E, H, S, D]
-        values = cache.values[layer, :, :, :span]
+        keys = cache.layer_keys(layer, span)  # [E, H, S, D]
+        values = cache.layer_values(layer, span)
         scores = q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [E, H, n, S]
         seen = torch.arange(span, device=x.device)[None, None, :] <= pos[:, :, None]
         allowed = cache.valid[layer, :, None, :span] & seen  # [E, n, S]
@@ -141,7 +144,10 @@ class DecisionTransformer(nn.Module):
         pos = cache.append(new_valid, step, kind)
         attention = []
         for layer, block in enumerate(self.blocks):
-            x, probs = block.decode(x, cache, layer, pos[layer], want_attention)
+            # In the last layer only the state token's output matters (it predicts the
+            # action), unless a memory policy wants every query's attention.
+            last = layer == len(self.blocks) - 1 and not want_attention
+            x, probs = block.decode(x, cache, layer, pos[layer], want_attention, last)
             attention.append(probs)
-        actions = self.predict_action(self.ln_f(x[:, 2]))
+        actions = self.predict_action(self.ln_f(x[:, -1]))
         return actions, (attention if want_attention else None)

@@ -1,6 +1,6 @@
 from dtmem.memory import MemoryPolicy, register
 
-SLACK_STEPS = 64  # extra room, so that compaction runs once every 64 steps, not every step
+SLACK_STEPS = 16  # extra room, so that compaction runs once every 16 steps, not every step
 
 
 @register
