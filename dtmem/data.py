@@ -142,10 +142,12 @@ def make_behavior(name, task: Task, observation_space, action_space):
     return policy
 
 
-def collect_episodes(task: Task, behavior, steps, seed=0, n_envs=16, progress=True):
-    """Run `behavior` in n_envs envs in lockstep until `steps` steps have been started;
-    episodes already running then finish. Episode i is reset with seed + i. Returns a
-    list of dicts of arrays (observations has one row more than actions)."""
+def collect_episodes(task: Task, behavior, steps, seed=0, n_envs=16, progress=True,
+                     max_episodes=None):
+    """Run `behavior` in n_envs envs in lockstep until `steps` steps (or max_episodes
+    episodes) have been started; episodes already running then finish. Episode i is reset
+    with seed + i. Returns a list of dicts of arrays (observations has one row more than
+    actions)."""
     envs = [make_env(task) for _ in range(n_envs)]
     rng = np.random.default_rng(seed)
     launched, started_steps = 0, 0
@@ -160,9 +162,14 @@ def collect_episodes(task: Task, behavior, steps, seed=0, n_envs=16, progress=Tr
         current[slot] = (launched, [o], [], [], [])
         launched += 1
 
+    def more():
+        return started_steps < steps and (max_episodes is None or launched < max_episodes)
+
     for slot in range(n_envs):
-        launch(slot)
-    bar = tqdm(total=steps, desc=f"collect {task.name}", unit="step", disable=not progress)
+        if more():
+            launch(slot)
+    bar = tqdm(total=steps if max_episodes is None else None, desc=f"collect {task.name}",
+               unit="step", disable=not progress)
     while any(c is not None for c in current):
         active = [s for s in range(n_envs) if current[s] is not None]
         actions = behavior.act(obs[active], rng)
@@ -184,10 +191,18 @@ def collect_episodes(task: Task, behavior, steps, seed=0, n_envs=16, progress=Tr
                     "seed": seed + index,
                 }
                 current[slot] = None
-                if started_steps < steps:
+                if more():
                     launch(slot)
     bar.close()
     return [finished[i] for i in sorted(finished)]
+
+
+def mean_return(task: Task, behavior, episodes=100, seed=0, n_envs=16):
+    """Mean and std of the undiscounted return of `behavior` over episodes seed..seed+n-1."""
+    runs = collect_episodes(task, behavior, float("inf"), seed, n_envs, progress=False,
+                            max_episodes=episodes)
+    returns = np.array([run["rewards"].sum() for run in runs])
+    return float(returns.mean()), float(returns.std())
 
 
 def build_dataset(task: Task, behavior_name, steps, seed=0, n_envs=16, overwrite=False,

@@ -25,7 +25,7 @@ class Task:
     max_episode_steps: int
     ref_min: float  # return that normalises to 0
     ref_max: float  # return that normalises to 100
-    ref_source: str  # where ref_min/ref_max come from: "d4rl" or a dataset id
+    ref_source: str  # where ref_min/ref_max come from: "dtmem" or "d4rl"
 
     def normalise(self, returns):
         """Normalised score, 100 * (R - ref_min) / (ref_max - ref_min), as the field reports it."""
@@ -34,13 +34,14 @@ class Task:
 
 def _tasks_of(env: str, spec: dict) -> list[Task]:
     tasks = []
+    # dtmem's own references (measured by scripts/build_suite.py) win over D4RL's.
+    if "dtmem" in spec["reference"]:
+        ours = spec["reference"]["dtmem"]
+        refs = (ours["random"], ours["expert"], "dtmem")
+    else:
+        d4rl = spec["reference"]["d4rl"]
+        refs = (d4rl["random"], d4rl["expert"], "d4rl")
     for quality, t in spec["tasks"].items():
-        # A task's own dataset references (written by the dataset build) win over D4RL's.
-        if "ref_min" in t and "ref_max" in t:
-            refs = (t["ref_min"], t["ref_max"], t["local_id"])
-        else:
-            d4rl = spec["reference"]["d4rl"]
-            refs = (d4rl["random"], d4rl["expert"], "d4rl")
         tasks.append(Task(
             name=f"{env}-{quality}", env=env, quality=quality, env_id=spec["env_id"],
             remote_id=t["remote_id"], local_id=t["local_id"],
