@@ -9,6 +9,9 @@ import torch
 from dtmem.errors import UserError
 from dtmem.files import atomic_path
 from dtmem.model import DecisionTransformer, DTConfig
+from dtmem.tasks import ROOT
+
+SHIPPED_DIR = ROOT / "data" / "checkpoints"  # data/checkpoints/<task>.pt, used by default
 
 
 def save_checkpoint(path, model, *, task, dataset_id, state_mean, state_std, steps,

@@ -8,9 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from dtmem.errors import UserError
-from dtmem.tasks import ROOT, all_tasks, resolve_task
-
-CHECKPOINTS_DIR = ROOT / "data" / "checkpoints"
+from dtmem.tasks import all_tasks, resolve_task
 
 
 class Parser(argparse.ArgumentParser):
@@ -145,10 +143,10 @@ def cmd_train(args):
 
 def load_for_task(checkpoint, task, device):
     """The DT for a task: --checkpoint or the shipped one; it must fit the task's env."""
-    from dtmem.checkpoints import load_model
+    from dtmem.checkpoints import SHIPPED_DIR, load_model
     from dtmem.tasks import make_env
 
-    path = Path(checkpoint) if checkpoint else CHECKPOINTS_DIR / f"{task.name}.pt"
+    path = Path(checkpoint) if checkpoint else SHIPPED_DIR / f"{task.name}.pt"
     if checkpoint is None and not path.exists():
         raise UserError(f"no shipped checkpoint for {task.name}; train one with "
                         f"`dtmem train --task {task.name}` and pass --checkpoint")
@@ -204,6 +202,7 @@ def cmd_bench_rollout(args):
     import torch
 
     from dtmem.bench import bench_rollout, cache_bytes, print_bench
+    from dtmem.checkpoints import SHIPPED_DIR
     from dtmem.model import DecisionTransformer, DTConfig
     from dtmem.tasks import make_env
     from dtmem.train import pick_device
@@ -211,7 +210,7 @@ def cmd_bench_rollout(args):
     torch.set_num_threads(args.threads)
     task = resolve_task(args.env, args.task)
     device = pick_device(args.device)
-    if args.checkpoint or (CHECKPOINTS_DIR / f"{task.name}.pt").exists():
+    if args.checkpoint or (SHIPPED_DIR / f"{task.name}.pt").exists():
         model, payload, path = load_for_task(args.checkpoint, task, device)
         mean, std = payload["state_mean"], payload["state_std"]
         print(f"checkpoint {path}")

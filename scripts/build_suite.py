@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from dtmem.behavior import MLPPolicy, RandomPolicy
-from dtmem.checkpoints import load_model, read_checkpoint
+from dtmem.checkpoints import SHIPPED_DIR, load_model, read_checkpoint
 from dtmem.data import (POLICIES_DIR, Episodes, build_dataset, find_dataset, is_local,
                         mean_return)
 from dtmem.files import atomic_path, provenance, write_json
@@ -43,7 +44,6 @@ from dtmem.train import TrainConfig, train
 
 ENV_IDS = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5",
            "ant": "Ant-v5"}
-CHECKPOINTS = ROOT / "data" / "checkpoints"
 
 
 @dataclass
@@ -111,7 +111,7 @@ def stage_policies(env, cfg: SuiteConfig, runs: Path):
 def stage_references(env, cfg: SuiteConfig):
     spec_path = ENVS_DIR / f"{env}.toml"
     text = spec_path.read_text()
-    if "[reference.dtmem]" in text:
+    if "dtmem" in tomllib.loads(text)["reference"]:
         print(f"references {env}: recorded")
         return
     task = default_tasks()[env]
@@ -147,7 +147,7 @@ def stage_datasets(task, cfg: SuiteConfig):
 
 
 def stage_dts(task, cfg: SuiteConfig, runs: Path):
-    shipped = CHECKPOINTS / f"{task.name}.pt"
+    shipped = SHIPPED_DIR / f"{task.name}.pt"
     if shipped.exists():
         print(f"dt {task.name}: shipped")
         return
@@ -163,9 +163,9 @@ def stage_dts(task, cfg: SuiteConfig, runs: Path):
 def stage_results(tasks, cfg: SuiteConfig, out: Path):
     results = {}
     for task in tasks:
-        if not (CHECKPOINTS / f"{task.name}.pt").exists():
+        if not (SHIPPED_DIR / f"{task.name}.pt").exists():
             continue
-        model, payload = load_model(CHECKPOINTS / f"{task.name}.pt")
+        model, payload = load_model(SHIPPED_DIR / f"{task.name}.pt")
         dataset, dataset_id = find_dataset(task)
         data_returns = Episodes.from_minari(dataset).returns()
         scores = task.normalise(data_returns)
@@ -187,7 +187,38 @@ def stage_results(tasks, cfg: SuiteConfig, out: Path):
         results[task.name] = row
     write_json(out, {"provenance": provenance(suite_config=asdict(cfg), seeds="rollouts: "
                                               "episode i uses env seed i"), "tasks": results})
-    print(f"wrote {out}")
+    table = suite_table(results, cfg)
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(table)
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def suite_table(results, cfg: SuiteConfig):
+    """Markdown: dataset vs DT normalised scores (mean [95% CI]) per task and policy."""
+    def cell(mean, ci):
+        return f"{mean:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]"
+
+    lines = ["| task | dataset return | dataset score | DT recompute | DT window | DT full | "
+             "DT / dataset (recompute) | DT steps | train min |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in results.items():
+        policies = {p: r["summary"] for p, r in row["policies"].items()}
+        ratio = policies["recompute"]["mean_score"] / row["dataset_mean_score"]
+        wall = row["dt_wall_seconds"]
+        lines.append(
+            f"| {name} | {row['dataset_mean_return']:.0f} | "
+            f"{cell(row['dataset_mean_score'], row['dataset_score_ci95'])} | "
+            + " | ".join(cell(policies[p]["mean_score"], policies[p]["score_ci95"])
+                         for p in ("recompute", "window", "full"))
+            + f" | {100 * ratio:.0f}% | {row['dt_steps']} | "
+            f"{'?' if wall is None else f'{wall / 60:.0f}'} |")
+    lines.append("")
+    lines.append(f"Normalised score = 100 (R - random) / (expert - random) with dtmem's measured "
+                 f"reference returns; {cfg.result_episodes} episodes per DT cell (env seeds "
+                 "0..n-1) at the task's target return, 95% bootstrap CIs; last checkpoint, "
+                 "not best.")
+    return "\n".join(lines) + "\n"
 
 
 def main():
