@@ -29,6 +29,14 @@ class KVCache:
         self.kind = torch.zeros(L, E, C, dtype=torch.long, device=device)
         self.arrival = torch.zeros(L, E, C, dtype=torch.long, device=device)  # index in episode
         self.n_arrived = torch.zeros(E, dtype=torch.long, device=device)  # tokens seen per slot
+        # Per-token state of memory policies (accumulated attention, ...): [L, E, C] tables
+        # that compaction moves along and that start at zero for every new token.
+        self.token_state = {}
+
+    def add_token_state(self, name, dtype=torch.float32):
+        L, E, C = self.valid.shape
+        self.token_state[name] = torch.zeros(L, E, C, dtype=dtype, device=self.valid.device)
+        return self.token_state[name]
 
     @property
     def n_layers(self):
@@ -51,6 +59,11 @@ class KVCache:
     def held(self):
         """Tokens held per layer and slot, [L, E]."""
         return self.valid.sum(-1)
+
+    def max_arrival_bonus(self):
+        """A score bonus larger than any arrival index or attention total, so that a
+        policy can rank a class of tokens (sinks, recent ones) above all others."""
+        return float(self.capacity + int(self.n_arrived.max()) + 1)
 
     def span(self, layer):
         """Positions [0, span) hold every written token of this layer in all slots."""
@@ -91,6 +104,8 @@ class KVCache:
         for table, value in ((self.timestep, timestep), (self.kind, kind),
                              (self.arrival, arrival)):
             table.view(-1)[flat] = value[new_valid].repeat(L)
+        for table in self.token_state.values():
+            table.view(-1)[flat] = 0
         self.length += n_new
         self.n_arrived += n_new
         self._write_index = (in_layer, new_valid)
@@ -118,7 +133,8 @@ class KVCache:
         for table in (self.keys, self.values):
             rows = table.view(L * E * C, -1)
             rows.index_copy_(0, target, rows.index_select(0, source))
-        for table in (self.valid, self.timestep, self.kind, self.arrival):
+        for table in (self.valid, self.timestep, self.kind, self.arrival,
+                      *self.token_state.values()):
             flat = table.view(-1)
             flat[target] = flat[source]
         self.length[layer, slot] = self.valid[layer, slot].sum(-1)

@@ -89,6 +89,9 @@ def make_parser():
     roll = commands.add_parser("rollout", help="run a trained DT with a memory policy")
     add_task_flags(roll)
     roll.add_argument("--policy", default="recompute", help="memory policy (default recompute)")
+    roll.add_argument("--budget", type=int, help="tokens kept per layer (policies with a budget; "
+                      "default 3K = 60)")
+    roll.add_argument("--ratio", type=float, help="or: fraction of the episode's tokens kept")
     roll.add_argument("--episodes", type=positive, default=20)
     roll.add_argument("--slots", type=positive, help="episodes run in lockstep (default all)")
     roll.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i")
@@ -173,13 +176,17 @@ def cmd_rollout(args):
     torch.set_num_threads(args.threads)
     task = resolve_task(args.env, args.task)
     if args.policy != "recompute":
-        make_policy(args.policy, 1, 1)  # fail on an unknown policy before any work
+        # Fail on a bad policy or budget before any work.
+        make_policy(args.policy, 20, 3 * task.max_episode_steps, args.budget, args.ratio)
+    elif args.budget is not None or args.ratio is not None:
+        raise UserError("policy 'recompute' takes no --budget or --ratio")
     if args.json:
         ensure_writable(args.json)
     model, payload, path = load_for_task(args.checkpoint, task, pick_device(args.device))
     results, _, wall = timed_rollout(model, payload["state_mean"], payload["state_std"], task,
                                      args.policy, args.episodes, args.slots, args.seed,
-                                     args.target_return, progress=True)
+                                     args.target_return, progress=True, budget=args.budget,
+                                     ratio=args.ratio)
     summary = summarize(results)
     lo, hi = summary["score_ci95"]
     print(f"{task.name} {args.policy}: normalised score {summary['mean_score']:.1f} "
@@ -191,6 +198,7 @@ def cmd_rollout(args):
         target = task.target_return if args.target_return is None else args.target_return
         write_json(args.json, results_file(
             results, summary, task=task.name, policy=args.policy, checkpoint=str(path),
+            budget=args.budget, ratio=args.ratio,
             checkpoint_task=payload["task"], dataset_id=payload["dataset_id"],
             target_return=target, seed=args.seed,
             reference={"min": task.ref_min, "max": task.ref_max, "source": task.ref_source},

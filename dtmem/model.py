@@ -148,6 +148,8 @@ class DecisionTransformer(nn.Module):
             # action), unless a memory policy wants every query's attention.
             last = layer == len(self.blocks) - 1 and not want_attention
             x, probs = block.decode(x, cache, layer, pos[layer], want_attention, last)
+            if want_attention:  # rows of missing tokens are meaningless: zero them
+                probs = probs * new_valid[:, None, :, None]
             attention.append(probs)
         actions = self.predict_action(self.ln_f(x[:, -1]))
         return actions, (attention if want_attention else None)

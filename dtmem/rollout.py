@@ -26,12 +26,16 @@ class EpisodeResult:
     length: int
     score: float  # normalised, 100 = the task's ref_max
     mean_tokens: float  # tokens the state query attended to, mean over steps and layers
-    max_tokens: int
+    max_tokens: int  # the most tokens any layer held at any step
+    layer_mean_tokens: list  # per layer: mean over steps
+    layer_max_tokens: list  # per layer: max over steps
 
 
 def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, policy="recompute",
-            episodes=10, slots=None, seed=0, target_return=None, progress=False):
-    """Run `episodes` episodes with memory policy `policy` in min(slots, episodes) slots.
+            episodes=10, slots=None, seed=0, target_return=None, progress=False, budget=None,
+            ratio=None):
+    """Run `episodes` episodes with memory policy `policy` (at a token `budget` or a
+    `ratio` of the tokens seen, for policies that take one) in min(slots, episodes) slots.
     Returns (list of EpisodeResult in episode order, number of env steps taken)."""
     device = next(model.parameters()).device
     cfg = model.cfg
@@ -50,8 +54,9 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, polic
         hist_actions = torch.zeros(E, T, cfg.act_dim, device=device)
         hist_rtg = torch.zeros(E, T, 1, device=device)
     else:
-        memory = make_policy(policy, K, 3 * T)
+        memory = make_policy(policy, K, 3 * T, budget, ratio)
         cache = model.new_cache(E, memory.capacity(), device)
+        memory.prepare(cache)
 
     # Per-slot bookkeeping lives in numpy (cheap scalar updates); the model gets tensors.
     episode = np.full(E, -1)  # episode index in each slot, -1 when idle
@@ -59,7 +64,8 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, polic
     rtg = np.zeros(E)
     obs = np.zeros((E, cfg.state_dim), dtype=np.float32)
     prev_action = torch.zeros(E, cfg.act_dim, device=device)
-    ret, token_sum, token_max = np.zeros(E), np.zeros(E), np.zeros(E)
+    ret = np.zeros(E)
+    token_sum, token_max = np.zeros((E, cfg.n_layer)), np.zeros((E, cfg.n_layer))
     results, next_episode, env_steps = {}, 0, 0
 
     def start(slot):
@@ -87,9 +93,9 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, polic
             else:
                 actions, attention = model.decode(cache, prev_action, rtg_now, state, t_now,
                                                   active, want_attention=memory.needs_attention)
-                tokens = cache.held().float().mean(0)  # [E], before this step's eviction
+                tokens = cache.held().T  # [E, L], before this step's eviction
                 memory.after_step(cache, t_now, attention)
-            tokens = tokens.cpu().numpy()
+            tokens = tokens.cpu().numpy().reshape(E, -1)  # [E, L] (recompute: [E, 1])
             token_sum[active_np] += tokens[active_np]
             token_max[active_np] = np.maximum(token_max[active_np], tokens[active_np])
             actions_np = np.clip(actions.cpu().numpy(), low, high)
@@ -109,8 +115,10 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, polic
                 results[i] = EpisodeResult(
                     episode=i, seed=seed + i, ret=float(ret[slot]), length=length,
                     score=float(task.normalise(ret[slot])),
-                    mean_tokens=float(token_sum[slot] / length),
-                    max_tokens=int(round(token_max[slot])))
+                    mean_tokens=float(token_sum[slot].mean() / length),
+                    max_tokens=int(token_max[slot].max()),
+                    layer_mean_tokens=(token_sum[slot] / length).round(2).tolist(),
+                    layer_max_tokens=token_max[slot].astype(int).tolist())
                 bar.update(1)
                 if not recompute:
                     cache.reset(torch.tensor([slot], device=device))
@@ -141,7 +149,7 @@ def _recompute_step(model, hist_states, hist_actions, hist_rtg, state, rtg, t, K
     preds = model(pick(hist_rtg), pick(hist_states), pick(hist_actions), index * inside)
     actions = preds[rows, length - 1]  # [E, A]
     hist_actions[rows, last] = actions
-    return actions, (3 * length - 1).float()
+    return actions, (3 * length - 1)[:, None].expand(-1, model.cfg.n_layer)
 
 
 def summarize(results):
@@ -157,6 +165,8 @@ def summarize(results):
         "mean_length": float(np.mean([r.length for r in results])),
         "mean_tokens": float(np.mean([r.mean_tokens for r in results])),
         "max_tokens": int(max(r.max_tokens for r in results)),
+        "layer_mean_tokens": np.mean([r.layer_mean_tokens for r in results], 0).round(2).tolist(),
+        "layer_max_tokens": np.max([r.layer_max_tokens for r in results], 0).tolist(),
     }
 
 

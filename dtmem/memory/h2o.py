@@ -1,0 +1,30 @@
+import torch
+
+from dtmem.memory import ScoredPolicy, register
+
+
+@register
+class HeavyHitters(ScoredPolicy):
+    """H2O: half the budget for the most recent tokens, half for the "heavy hitters", the
+    older tokens that have received the most attention so far (summed over every query
+    since they arrived, averaged over heads, per layer)."""
+
+    name = "h2o"
+    needs_attention = True
+
+    def prepare(self, cache):
+        self.received = cache.add_token_state("h2o_received")
+
+    def after_step(self, cache, timestep, attention):
+        for layer, probs in enumerate(attention):  # [E, H, n_new, span]
+            self.received[layer, :, : probs.shape[-1]] += probs.mean(dim=1).sum(dim=1)
+        super().after_step(cache, timestep, attention)
+
+    def score(self, cache, timestep, attention):
+        if self.budget is not None:
+            recent = torch.full_like(cache.n_arrived, self.budget // 2)
+        else:
+            recent = torch.ceil(self.ratio * cache.n_arrived / 2).long()
+        is_recent = cache.arrival >= (cache.n_arrived - recent)[None, :, None]
+        # Attention received is at most the number of queries: recent tokens outrank it.
+        return self.received + is_recent * cache.max_arrival_bonus()

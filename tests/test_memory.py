@@ -1,0 +1,109 @@
+"""Every memory policy through one matrix, then each heuristic's rule on a constructed cache."""
+
+import json
+
+import pytest
+import torch
+
+from dtmem.cli import main
+from dtmem.memory import POLICIES, make_policy
+from dtmem.model import DecisionTransformer, DTConfig
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_policy_runs_and_respects_its_budget(capsys, tmp_path, checkpoint, policy):
+    out = tmp_path / "r.json"
+    budget = ["--budget", "30"] if POLICIES[policy].takes_budget else []
+    code = main(["rollout", "--env", "hopper", "--policy", policy, "--episodes", "3",
+                 "--slots", "2", "--checkpoint", str(checkpoint), "--json", str(out), *budget])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads(out.read_text())["summary"]
+    limit = {"window": 3 * 20, "full": 3 * 1000}.get(policy, 30 + 3)  # + the 3 new tokens
+    assert summary["max_tokens"] <= limit
+    assert len(summary["layer_max_tokens"]) == 2  # the test checkpoint has 2 layers
+
+
+def filled_cache(steps=12, slots=1):
+    """A 2-layer cache after `steps` decoded steps (3 tokens each, minus the first action)."""
+    torch.manual_seed(0)
+    model = DecisionTransformer(DTConfig(state_dim=3, act_dim=2, n_layer=2, n_embd=16)).eval()
+    cache = model.new_cache(slots, capacity=3 * steps)
+    for t in range(steps):
+        model.decode(cache, torch.zeros(slots, 2), torch.zeros(slots, 1),
+                     torch.randn(slots, 3), torch.full((slots,), t),
+                     torch.ones(slots, dtype=torch.bool))
+    return cache
+
+
+def kept_arrivals(cache, layer=0, slot=0):
+    return sorted(cache.arrival[layer, slot][cache.valid[layer, slot]].tolist())
+
+
+def test_streaming_keeps_sinks_and_the_most_recent():
+    cache = filled_cache()  # 35 tokens, arrivals 0..34
+    policy = make_policy("streaming", 20, 3000, budget=10)
+    policy.after_step(cache, torch.tensor([11]), None)
+    assert kept_arrivals(cache) == [0, 1, 2, 3, 29, 30, 31, 32, 33, 34]
+
+
+def test_h2o_keeps_the_recent_half_and_the_heaviest_older_tokens():
+    cache = filled_cache()
+    policy = make_policy("h2o", 20, 3000, budget=8)
+    policy.prepare(cache)
+    heavy = [2, 7, 11, 20]
+    policy.received[:, 0, heavy] = torch.tensor([5.0, 4.0, 3.0, 2.0])
+    policy.received[:, 0, 0] = 1.0
+    policy.after_step(cache, torch.tensor([11]), [torch.zeros(1, 1, 3, 35)] * 2)
+    assert kept_arrivals(cache) == heavy + [31, 32, 33, 34]
+
+
+def test_l2_keeps_the_lowest_key_norms_and_the_newest():
+    cache = filled_cache()
+    norms = torch.arange(35, 0, -1).float()  # oldest tokens have the largest norms
+    norms[5] = 0.5
+    cache.keys[:, 0, :35] = norms[None, :, None, None] / cache.keys.shape[-1] ** 0.5
+    policy = make_policy("l2", 20, 3000, budget=4)
+    policy.after_step(cache, torch.tensor([11]), None)
+    assert kept_arrivals(cache) == [5, 32, 33, 34]
+
+
+def test_random_keeps_the_budget_with_the_newest_and_is_seeded():
+    kept = []
+    for _ in range(2):
+        cache = filled_cache()
+        make_policy("random", 20, 3000, budget=6).after_step(cache, torch.tensor([11]), None)
+        kept.append(kept_arrivals(cache, layer=1))
+        assert len(kept[-1]) == 6 and 34 in kept[-1]
+    assert kept[0] == kept[1]
+
+
+def test_ratio_budget_follows_the_episode_length():
+    cache = filled_cache()
+    make_policy("streaming", 20, 3000, ratio=0.2).after_step(cache, torch.tensor([11]), None)
+    assert len(kept_arrivals(cache)) == 7  # ceil(0.2 * 35)
+
+
+def test_evicted_state_follows_compaction():
+    """Per-token policy state moves with its token when the cache compacts."""
+    cache = filled_cache()
+    state = cache.add_token_state("probe")
+    state[:, 0, :35] = torch.arange(35).float()
+    cache.evict(cache.arrival % 2 == 1)
+    cache._compact(torch.ones(2, 1, dtype=torch.bool))
+    valid = cache.valid[0, 0]
+    assert torch.equal(state[0, 0][valid], cache.arrival[0, 0][valid].float())
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--policy", "h2o", "--budget", "1"], "--budget must be between"),
+    (["--policy", "h2o", "--budget", "5000"], "--budget must be between"),
+    (["--policy", "l2", "--ratio", "0"], "--ratio must be in"),
+    (["--policy", "l2", "--ratio", "1.5"], "--ratio must be in"),
+    (["--policy", "full", "--budget", "60"], "takes no --budget"),
+    (["--policy", "recompute", "--ratio", "0.5"], "takes no --budget"),
+    (["--policy", "streaming", "--budget", "60", "--ratio", "0.5"], "not both"),
+])
+def test_bad_budgets_are_one_line_errors(capsys, argv, needle):
+    code = main(["rollout", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err
