@@ -12,6 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 
+from dtmem.memory import POLICIES
 from dtmem.rollout import timed_rollout
 from dtmem.tasks import Task, make_env
 
@@ -53,11 +54,21 @@ def _measure(model, state_mean, state_std, task, policy, slots, threads):
     return steps, wall, floor, peak_rss_mib()
 
 
-def bench_rollout(model, state_mean, state_std, task: Task, slot_counts=(1, 16, 64)):
-    """Rows of (policy, slots, env steps, seconds, floor seconds, peak MiB). Each row runs
-    in a fresh process, so that its peak memory is its own."""
+def rollout_configs(slot_counts=(1, 16, 64)):
+    """`dtmem bench rollout`: the field's loop against cached decoding at several widths."""
+    return [("recompute", 1)] + [(p, n) for p in ("window", "full") for n in slot_counts]
+
+
+def memory_configs(slot_counts=(32, 64)):
+    """`dtmem bench memory`: every cache policy at the same widths as `full`."""
+    return [(p, n) for n in slot_counts for p in ["full", *sorted(set(POLICIES) - {"full"})]]
+
+
+def run_bench(model, state_mean, state_std, task: Task, configs):
+    """Rows of (policy, slots, env steps, seconds, floor seconds, peak MiB), one per
+    (policy, slots) config. Each row runs in a fresh process, so that its peak memory is
+    its own; policies with a budget keep their default (3K tokens)."""
     rows = []
-    configs = [("recompute", 1)] + [(p, n) for p in ("window", "full") for n in slot_counts]
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
         for policy, slots in configs:
@@ -78,6 +89,13 @@ def print_bench(rows, cache_bytes):
     print(f"(peak MiB: resident memory of the process that ran the row; a whole-episode "
           f"cache for {max(r[1] for r in rows)} slots holds {cache_bytes / 2**20:.0f} MiB of "
           "keys and values)")
+
+
+def print_memory_bench(rows):
+    full = {slots: wall for policy, slots, _, wall, _, _ in rows if policy == "full"}
+    print(f"{'policy':10} {'slots':>5} {'steps/s':>9} {'time / full':>12} {'peak MiB':>9}")
+    for policy, slots, steps, wall, _, peak in rows:
+        print(f"{policy:10} {slots:5d} {steps / wall:9.0f} {wall / full[slots]:12.2f} {peak:9.0f}")
 
 
 def cache_bytes(model, slots, tokens):

@@ -103,14 +103,16 @@ def make_parser():
 
     bench = commands.add_parser("bench", help="throughput benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
-    bench_roll = bench_commands.add_parser("rollout", help="rollout speed vs env stepping")
-    add_task_flags(bench_roll)
-    # HalfCheetah never terminates: every episode is 1000 steps, whatever the checkpoint.
-    bench_roll.set_defaults(env="halfcheetah")
-    bench_roll.add_argument("--checkpoint", help="default: the shipped checkpoint, else an "
-                            "untrained DT of the default size")
-    bench_roll.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    add_threads_flag(bench_roll)
+    for name, help_text in (("rollout", "rollout speed vs recompute and env stepping"),
+                            ("memory", "each memory policy's rollout time vs the full cache")):
+        bench_one = bench_commands.add_parser(name, help=help_text)
+        add_task_flags(bench_one)
+        # HalfCheetah never terminates: every episode is 1000 steps, whatever the checkpoint.
+        bench_one.set_defaults(env="halfcheetah")
+        bench_one.add_argument("--checkpoint", help="default: the shipped checkpoint, else an "
+                               "untrained DT of the default size")
+        bench_one.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        add_threads_flag(bench_one)
     return parser
 
 
@@ -206,10 +208,10 @@ def cmd_rollout(args):
         print(f"wrote {args.json}")
 
 
-def cmd_bench_rollout(args):
+def cmd_bench(args):
     import torch
 
-    from dtmem.bench import bench_rollout, cache_bytes, print_bench
+    from dtmem import bench
     from dtmem.checkpoints import SHIPPED_DIR
     from dtmem.model import DecisionTransformer, DTConfig
     from dtmem.tasks import make_env
@@ -230,14 +232,17 @@ def cmd_bench_rollout(args):
         mean, std = torch.zeros(dims[0]), torch.ones(dims[0])
         print("no checkpoint: an untrained DT of the default size (speed only)")
     print(f"task {task.name}, torch threads {torch.get_num_threads()}, device {device}")
-    rows = bench_rollout(model, mean, std, task)
-    print_bench(rows, cache_bytes(model, 64, 3 * task.max_episode_steps))
+    if args.bench_command == "rollout":
+        rows = bench.run_bench(model, mean, std, task, bench.rollout_configs())
+        bench.print_bench(rows, bench.cache_bytes(model, 64, 3 * task.max_episode_steps))
+    else:
+        bench.print_memory_bench(bench.run_bench(model, mean, std, task, bench.memory_configs()))
 
 
 COMMANDS = {
     ("data", "list"): cmd_data_list, ("data", "build"): cmd_data_build,
     ("train", None): cmd_train, ("rollout", None): cmd_rollout,
-    ("bench", "rollout"): cmd_bench_rollout,
+    ("bench", "rollout"): cmd_bench, ("bench", "memory"): cmd_bench,
 }
 
 

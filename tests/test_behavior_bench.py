@@ -3,6 +3,7 @@ import pytest
 
 from dtmem.behavior import MLPPolicy
 from dtmem.cli import main
+from dtmem.bench import env_floor
 from dtmem.errors import UserError
 
 
@@ -41,16 +42,18 @@ def test_data_build_with_a_policy_file_and_a_wrong_sized_one(capsys, tmp_path, m
 
 
 def test_bench_rows_compare_against_the_same_episodes(checkpoint):
-    from dtmem.bench import bench_rollout, env_floor
+    from dtmem.bench import memory_configs, rollout_configs, run_bench
     from dtmem.checkpoints import load_model
+    from dtmem.memory import POLICIES
     from dtmem.tasks import resolve_task
 
     model, payload = load_model(checkpoint)
     task = resolve_task("hopper")
-    rows = bench_rollout(model, payload["state_mean"], payload["state_std"], task,
-                         slot_counts=(1, 2))
-    assert [(r[0], r[1]) for r in rows] == [("recompute", 1), ("window", 1), ("window", 2),
-                                            ("full", 1), ("full", 2)]
+    assert rollout_configs((1, 2)) == [("recompute", 1), ("window", 1), ("window", 2),
+                                       ("full", 1), ("full", 2)]
+    assert {p for p, _ in memory_configs((2,))} == set(POLICIES)
+    rows = run_bench(model, payload["state_mean"], payload["state_std"], task,
+                     [("recompute", 1), ("h2o", 2)])
     assert all(steps > 0 and wall > 0 and floor > 0 and peak > 100
                for _, _, steps, wall, floor, peak in rows)
     assert env_floor(task, [5, 3, 4], 2) > 0
