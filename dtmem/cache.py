@@ -33,9 +33,11 @@ class KVCache:
         # that compaction moves along and that start at zero for every new token.
         self.token_state = {}
 
-    def add_token_state(self, name, dtype=torch.float32):
+    def add_token_state(self, name, *shape, dtype=torch.float32):
+        """A zero-initialised [L, E, C, *shape] table that follows its tokens."""
         L, E, C = self.valid.shape
-        self.token_state[name] = torch.zeros(L, E, C, dtype=dtype, device=self.valid.device)
+        self.token_state[name] = torch.zeros(L, E, C, *shape, dtype=dtype,
+                                             device=self.valid.device)
         return self.token_state[name]
 
     @property
@@ -105,7 +107,7 @@ class KVCache:
                              (self.arrival, arrival)):
             table.view(-1)[flat] = value[new_valid].repeat(L)
         for table in self.token_state.values():
-            table.view(-1)[flat] = 0
+            table.view(L * E * C, -1)[flat] = 0
         self.length += n_new
         self.n_arrived += n_new
         self._write_index = (in_layer, new_valid)
@@ -130,11 +132,10 @@ class KVCache:
         base = ((layer * E + slot) * C)[:, None]
         source = (base + order).reshape(-1)
         target = (base + torch.arange(C, device=base.device)).reshape(-1)
-        for table in (self.keys, self.values):
+        for table in (self.keys, self.values, *self.token_state.values()):
             rows = table.view(L * E * C, -1)
             rows.index_copy_(0, target, rows.index_select(0, source))
-        for table in (self.valid, self.timestep, self.kind, self.arrival,
-                      *self.token_state.values()):
+        for table in (self.valid, self.timestep, self.kind, self.arrival):
             flat = table.view(-1)
             flat[target] = flat[source]
         self.length[layer, slot] = self.valid[layer, slot].sum(-1)

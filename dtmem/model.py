@@ -67,11 +67,11 @@ class Block(nn.Module):
     def decode(self, x, cache: KVCache, layer, pos, want_attention, last_query_only=False):
         """x [E, n, C]: new tokens at cache positions pos [E, n]; attends to the valid
         cached tokens of this layer and, causally, to the new ones. last_query_only: the
-        caller needs only the last token's output (all keys and values are still written)."""
+        caller needs only the last token's output (all keys and values are still written,
+        and attention is still computed for every query, so that memory policies see it
+        and results do not depend on whether they asked)."""
         q, k, v = self.heads(x)
         cache.write(layer, k, v)
-        if last_query_only:
-            x, q, pos = x[:, -1:], q[:, :, -1:], pos[:, -1:]
         span = cache.span(layer)
         keys = cache.layer_keys(layer, span)  # [E, H, S, D]
         values = cache.layer_values(layer, span)
@@ -81,6 +81,8 @@ class Block(nn.Module):
         # A finite fill keeps rows without any key (idle slots) free of NaNs.
         scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
         probs = scores.softmax(-1)
+        if last_query_only:
+            return self.finish(x[:, -1:], probs[:, :, -1:] @ values), probs
         return self.finish(x, probs @ values), (probs if want_attention else None)
 
 
@@ -144,9 +146,8 @@ class DecisionTransformer(nn.Module):
         pos = cache.append(new_valid, step, kind)
         attention = []
         for layer, block in enumerate(self.blocks):
-            # In the last layer only the state token's output matters (it predicts the
-            # action), unless a memory policy wants every query's attention.
-            last = layer == len(self.blocks) - 1 and not want_attention
+            # In the last layer only the state token's output matters: it predicts the action.
+            last = layer == len(self.blocks) - 1
             x, probs = block.decode(x, cache, layer, pos[layer], want_attention, last)
             if want_attention:  # rows of missing tokens are meaningless: zero them
                 probs = probs * new_valid[:, None, :, None]

@@ -18,7 +18,11 @@ def test_every_policy_runs_and_respects_its_budget(capsys, tmp_path, checkpoint,
                  "--slots", "2", "--checkpoint", str(checkpoint), "--json", str(out), *budget])
     assert code == 0, capsys.readouterr().err
     summary = json.loads(out.read_text())["summary"]
-    limit = {"window": 3 * 20, "full": 3 * 1000}.get(policy, 30 + 3)  # + the 3 new tokens
+    # Scored heuristics hold the budget plus the 3 new tokens; NAMM's cap applies at its
+    # updates, every n_up = 48 queries, so up to 50 more tokens arrive in between.
+    limit = {"window": 3 * 20, "full": 3 * 1000}.get(policy, 30 + 3)
+    if policy.startswith("namm"):
+        limit = 30 + 50
     assert summary["max_tokens"] <= limit
     assert len(summary["layer_max_tokens"]) == 2  # the test checkpoint has 2 layers
 

@@ -1,0 +1,121 @@
+"""Neural Attention Memory Models (Cetin et al. 2024, "An Evolved Universal Transformer
+Memory"): the token features and the scoring networks, as pure functions of tensors.
+The memory policy that keeps their state in the KV cache is dtmem/memory/namm.py.
+
+Features of a cached token (per layer and head), 25 numbers:
+  recency (8): sinusoidal embedding of its age, newest token age 0;
+  spectrogram (17): STFT magnitudes of the attention it received from the last n_up
+  queries (plus 16 samples carried over), reduced over frames by an EMA and standardised.
+"""
+
+import torch
+import torch.nn.functional as F
+
+N_FFT, HOP = 32, 16  # periodic Hann window of 32 samples, hop 16, center=False
+N_BINS = N_FFT // 2 + 1  # 17 one-sided frequency bins
+N_RECENCY = 8
+N_FEATURES = N_RECENCY + N_BINS  # 25, recency first (the published layout)
+GAMMA = 0.99  # EMA coefficient per query sample
+
+
+def spectrogram(signal):
+    """signal [N, HOP + n_up] (16 carried-over samples first) -> magnitudes [N, n_up/16, 17]."""
+    window = torch.hann_window(N_FFT, periodic=True, dtype=signal.dtype, device=signal.device)
+    spec = torch.stft(signal, N_FFT, HOP, window=window, center=False, onesided=True,
+                      return_complex=True)  # [N, 17, frames]
+    return spec.abs().transpose(1, 2)
+
+
+def ema_update(state, frames, first_frame):
+    """state [N, 17] (zero for new tokens), frames [N, Fr, 17], first_frame [N]: a token
+    that arrived during this update counts only the frames from its own arrival on.
+    The old state decays by gamma**(16 Fr); frame f weighs gamma16**(Fr-1-f) (1 - gamma16)."""
+    n_frames = frames.shape[1]
+    per_frame = GAMMA ** HOP
+    exponents = torch.arange(n_frames - 1, -1, -1, device=frames.device, dtype=frames.dtype)
+    weights = per_frame ** exponents * (1 - per_frame)  # [Fr]
+    counted = torch.arange(n_frames, device=frames.device)[None] >= first_frame[:, None]
+    return state * per_frame ** n_frames + ((weights * counted)[..., None] * frames).sum(1)
+
+
+def recency(age):
+    """age [...] -> [..., 8]: [sin x4, cos x4] at frequencies 1 / 50000**(k/4)."""
+    freqs = 1.0 / 50000 ** (torch.arange(4, device=age.device, dtype=torch.float32) / 4)
+    angle = age[..., None].float() * freqs
+    return torch.cat([angle.sin(), angle.cos()], dim=-1)
+
+
+def merge_stats(a, b):
+    """Combine running (mean [17], var [17], count) statistics (Chan et al.)."""
+    (mean_a, var_a, n_a), (mean_b, var_b, n_b) = a, b
+    n = n_a + n_b
+    if n == 0:
+        return a
+    delta = mean_b - mean_a
+    mean = mean_a + delta * n_b / n
+    var = (var_a * n_a + var_b * n_b + delta**2 * n_a * n_b / n) / n
+    return mean, var, n
+
+
+# BAM: backward attention memory. Flat layout of the published parameter vector, weights
+# input-major (index = in * out_dim + out), inputs ordered recency then bins.
+BAM_HEAD = 32
+BAM_LAYOUT = {
+    "qkv_w": (0, 2400, (N_FEATURES, 3 * BAM_HEAD)),
+    "qkv_b": (2400, 2496, (3 * BAM_HEAD,)),
+    "out_w": (2496, 4096, (BAM_HEAD, 2 * N_FEATURES)),
+    "out_b": (4096, 4146, (2 * N_FEATURES,)),
+    "read_w": (4146, 4171, (N_FEATURES,)),
+    "read_b": (4171, 4172, (1,)),
+}
+BAM_PARAMS = 4172
+MLP_HIDDEN = 64  # the MLP variant's size is not published; ours has one hidden layer
+MLP_LAYOUT = {
+    "w1": (0, 1600, (N_FEATURES, MLP_HIDDEN)),
+    "b1": (1600, 1664, (MLP_HIDDEN,)),
+    "w2": (1664, 1728, (MLP_HIDDEN,)),
+    "b2": (1728, 1729, (1,)),
+}
+MLP_PARAMS = 1729
+
+
+def unpack(params, layout):
+    """params [B, P] -> dict of [B, *shape] views."""
+    return {name: params[:, a:b].reshape(params.shape[0], *shape)
+            for name, (a, b, shape) in layout.items()}
+
+
+def bam_scores(params, x, allowed, chunk_elements=2**24):
+    """params [B, 4172], x [B, T, 25], allowed [B, T, T] (query i may look at key j: the
+    backward mask, token i sees itself and newer tokens) -> scores [B, T]. Batches are
+    processed in chunks so that the T x T attention never exceeds chunk_elements."""
+    B, T, _ = x.shape
+    step = max(1, chunk_elements // max(1, T * T))
+    return torch.cat([_bam(params[i:i + step], x[i:i + step], allowed[i:i + step])
+                      for i in range(0, B, step)])
+
+
+def _bam(params, x, allowed):
+    p = unpack(params, BAM_LAYOUT)
+    qkv = torch.bmm(x, p["qkv_w"]) + p["qkv_b"][:, None]  # [B, T, 96]
+    q, k, v = qkv[:, None].split(BAM_HEAD, dim=-1)  # [B, 1, T, 32] each
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])[:, 0]
+    out = torch.bmm(attended, p["out_w"]) + p["out_b"][:, None]  # [B, T, 50]
+    residual, gate = out.split(N_FEATURES, dim=-1)
+    x = x * (1 + gate) + residual
+    return (x * p["read_w"][:, None]).sum(-1) + p["read_b"]
+
+
+def mlp_scores(params, x, allowed=None):
+    """The MLP ablation: the same features, scored token by token (no cross-token view)."""
+    p = unpack(params, MLP_LAYOUT)
+    hidden = torch.relu(torch.bmm(x, p["w1"]) + p["b1"][:, None])
+    return (hidden * p["w2"][:, None]).sum(-1) + p["b2"]
+
+
+SCORERS = {"bam": (bam_scores, BAM_PARAMS), "mlp": (mlp_scores, MLP_PARAMS)}
+
+
+def standardise(values, stats):
+    mean, var, _ = stats
+    return (values - mean) / torch.clamp_min(torch.sqrt(var), 1e-7)

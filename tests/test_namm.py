@@ -1,0 +1,128 @@
+"""NAMM: features against a straightforward reference, and the policy's rules."""
+
+import numpy as np
+import pytest
+import torch
+
+from dtmem import namm
+from dtmem.memory import make_policy
+from dtmem.model import DecisionTransformer, DTConfig
+
+
+def reference_spectrogram(signal):
+    """Loop-based STFT: periodic Hann 32, hop 16, no centring, one-sided magnitudes."""
+    n = np.arange(32)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * n / 32)
+    frames = []
+    for start in range(0, len(signal) - 32 + 1, 16):
+        chunk = signal[start:start + 32] * window
+        frames.append([abs(sum(chunk[t] * np.exp(-2j * np.pi * k * t / 32) for t in range(32)))
+                       for k in range(17)])
+    return np.array(frames)
+
+
+def test_features_match_a_straightforward_reference():
+    rng = np.random.default_rng(0)
+    signal = rng.random((3, 16 + 64))  # 3 tokens, 16 carried-over + n_up = 64 samples
+    frames = namm.spectrogram(torch.tensor(signal))
+    assert frames.shape == (3, 4, 17)
+    for token in range(3):
+        assert np.allclose(frames[token].numpy(), reference_spectrogram(signal[token]), atol=1e-9)
+
+    state = torch.tensor(rng.random((3, 17)))
+    first = torch.tensor([0, 2, 4])  # token 2 arrived after the last frame began
+    new = namm.ema_update(state, frames, first).numpy()
+    g16 = 0.99 ** 16
+    for token in range(3):
+        expected = state[token].numpy() * 0.99 ** 64
+        for f in range(4):
+            if f >= first[token]:
+                expected = expected + g16 ** (3 - f) * (1 - g16) * frames[token, f].numpy()
+        assert np.allclose(new[token], expected)
+
+    emb = namm.recency(torch.tensor([0, 7]))
+    assert torch.allclose(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    freqs = 1 / 50000 ** (np.arange(4) / 4)
+    assert np.allclose(emb[1].numpy(), np.concatenate([np.sin(7 * freqs), np.cos(7 * freqs)]))
+
+
+def test_parameter_counts_match_the_published_layout():
+    assert namm.BAM_PARAMS == 4172 == max(b for _, b, _ in namm.BAM_LAYOUT.values())
+    assert sum(b - a for a, b, _ in namm.BAM_LAYOUT.values()) == 4172
+    assert sum(b - a for a, b, _ in namm.MLP_LAYOUT.values()) == namm.MLP_PARAMS
+
+
+def test_bam_mask_is_backward():
+    """Changing the newest token's features changes older tokens' scores, not vice versa."""
+    torch.manual_seed(0)
+    params = torch.randn(1, 4172) * 0.3
+    x = torch.randn(1, 5, 25)
+    order = torch.arange(5)
+    allowed = (order[None, :] >= order[:, None])[None]  # arrival order = position here
+    base = namm.bam_scores(params, x, allowed)
+    newest, oldest = x.clone(), x.clone()
+    newest[0, 4] += 1.0
+    oldest[0, 0] += 1.0
+    assert not torch.allclose(namm.bam_scores(params, newest, allowed)[0, :4], base[0, :4])
+    assert torch.allclose(namm.bam_scores(params, oldest, allowed)[0, 1:], base[0, 1:])
+
+
+def decode_steps(policy, steps=40, slots=2, params=None):
+    torch.manual_seed(0)
+    model = DecisionTransformer(DTConfig(state_dim=3, act_dim=2, n_layer=2, n_embd=16)).eval()
+    cache = model.new_cache(slots, policy.capacity())
+    policy.prepare(cache)
+    if params is not None:
+        policy.params = params
+    g = torch.Generator().manual_seed(1)
+    held = []
+    for t in range(steps):
+        step = torch.full((slots,), t)
+        _, attention = model.decode(cache, torch.rand(slots, 2, generator=g), torch.zeros(slots, 1),
+                                    torch.randn(slots, 3, generator=g), step,
+                                    torch.ones(slots, dtype=torch.bool), want_attention=True)
+        policy.after_step(cache, step, attention)
+        held.append(cache.held().clone())
+    return cache, torch.stack(held)
+
+
+def bias_only(value):
+    params = torch.zeros(4172)
+    params[4171] = value  # read-out bias: every token scores `value`
+    return params
+
+
+def test_zero_parameters_keep_everything_and_collect_statistics():
+    policy = make_policy("namm", 20, 3000)
+    cache, held = decode_steps(policy)
+    assert int(held[-1].min()) == 3 * 40 - 1
+    assert policy.stats[2] > 0 and torch.isfinite(policy.stats[0]).all()
+
+
+def test_negative_scores_evict_all_but_the_newest_at_each_update_per_slot():
+    policy = make_policy("namm", 20, 3000)
+    params = torch.stack([bias_only(0.0), bias_only(-1.0)])  # slot 0 keeps, slot 1 forgets
+    cache, held = decode_steps(policy, steps=40, params=params)
+    # n_up = 48 queries: the first update follows step 16 (2 + 15 * 3 + 3 = 50 >= 48).
+    assert int(held[15, :, 1].max()) == 47 and int(held[16, :, 1].max()) == 1
+    assert int(held[-1, :, 0].min()) == 3 * 40 - 1
+    kept = cache.arrival[0, 1][cache.valid[0, 1]]
+    assert int(kept.max()) == int(cache.n_arrived[1]) - 1
+
+
+def test_hard_cap_and_frozen_statistics():
+    policy = make_policy("namm", 20, 3000, budget=10)
+    policy.collect_stats = False
+    before = policy.stats
+    cache, held = decode_steps(policy, steps=40)
+    assert policy.stats is before
+    after_updates = held[[16, 32], :, :]
+    assert int(after_updates.max()) <= 10
+
+
+def test_n_up_must_be_a_multiple_of_16():
+    from dtmem.errors import UserError
+    from dtmem.memory.namm import NAMM
+
+    with pytest.raises(UserError):
+        NAMM(20, 3000, n_up=40)
