@@ -92,6 +92,8 @@ def make_parser():
     roll.add_argument("--budget", type=int, help="tokens kept per layer (policies with a budget; "
                       "default 3K = 60)")
     roll.add_argument("--ratio", type=float, help="or: fraction of the episode's tokens kept")
+    roll.add_argument("--namm", help="NAMM file for --policy namm/namm-mlp (default: the "
+                      "shipped data/namm/default.pt)")
     roll.add_argument("--episodes", type=positive, default=20)
     roll.add_argument("--slots", type=positive, help="episodes run in lockstep (default all)")
     roll.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i")
@@ -100,6 +102,15 @@ def make_parser():
     roll.add_argument("--json", help="write a results file with provenance here")
     roll.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_threads_flag(roll)
+
+    namm_cmd = commands.add_parser("namm", help="NAMM files")
+    namm_commands = namm_cmd.add_subparsers(dest="namm_command", required=True,
+                                            parser_class=Parser)
+    imp = namm_commands.add_parser("import", help="import a checkpoint of the original NAMM code")
+    imp.add_argument("checkpoint", help="its torch file (CMA-ES state and normaliser buffers)")
+    imp.add_argument("--out", required=True, help="the dtmem NAMM file to write")
+    imp.add_argument("--n-up", type=positive, default=512,
+                     help="tokens between updates (the LLM run used 512)")
 
     bench = commands.add_parser("bench", help="throughput benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
@@ -177,9 +188,15 @@ def cmd_rollout(args):
 
     torch.set_num_threads(args.threads)
     task = resolve_task(args.env, args.task)
+    options = {}
+    if args.policy.startswith("namm"):
+        options["namm_file"] = args.namm or namm_default()
+    elif args.namm:
+        raise UserError("--namm goes with --policy namm or namm-mlp")
     if args.policy != "recompute":
-        # Fail on a bad policy or budget before any work.
-        make_policy(args.policy, 20, 3 * task.max_episode_steps, args.budget, args.ratio)
+        # Fail on a bad policy, budget or NAMM file before any work.
+        memory = make_policy(args.policy, 20, 3 * task.max_episode_steps, args.budget,
+                             args.ratio, **options)
     elif args.budget is not None or args.ratio is not None:
         raise UserError("policy 'recompute' takes no --budget or --ratio")
     if args.json:
@@ -188,7 +205,8 @@ def cmd_rollout(args):
     results, _, wall = timed_rollout(model, payload["state_mean"], payload["state_std"], task,
                                      args.policy, args.episodes, args.slots, args.seed,
                                      args.target_return, progress=True, budget=args.budget,
-                                     ratio=args.ratio)
+                                     ratio=args.ratio,
+                                     memory=memory if options else None)
     summary = summarize(results)
     lo, hi = summary["score_ci95"]
     print(f"{task.name} {args.policy}: normalised score {summary['mean_score']:.1f} "
@@ -200,12 +218,32 @@ def cmd_rollout(args):
         target = task.target_return if args.target_return is None else args.target_return
         write_json(args.json, results_file(
             results, summary, task=task.name, policy=args.policy, checkpoint=str(path),
-            budget=args.budget, ratio=args.ratio,
+            budget=args.budget, ratio=args.ratio, namm=options.get("namm_file"),
             checkpoint_task=payload["task"], dataset_id=payload["dataset_id"],
             target_return=target, seed=args.seed,
             reference={"min": task.ref_min, "max": task.ref_max, "source": task.ref_source},
             provenance=provenance(wall_seconds=round(wall, 2))))
         print(f"wrote {args.json}")
+
+
+def namm_default():
+    from dtmem.namm import SHIPPED
+
+    if not SHIPPED.exists():
+        raise UserError("no NAMM is shipped yet; evolve one with scripts/evolve.py and pass "
+                        "--namm FILE")
+    return SHIPPED
+
+
+def cmd_namm_import(args):
+    from dtmem.files import provenance
+    from dtmem.namm import import_original, save_namm
+
+    params, stats = import_original(args.checkpoint)
+    save_namm(args.out, "bam", params, stats, args.n_up,
+              {"source": f"imported from {args.checkpoint}", "provenance": provenance()})
+    print(f"wrote {args.out}: BAM NAMM, {params.numel()} parameters, statistics of "
+          f"{stats[2]} samples, n_up {args.n_up}")
 
 
 def cmd_bench(args):
@@ -243,6 +281,7 @@ COMMANDS = {
     ("data", "list"): cmd_data_list, ("data", "build"): cmd_data_build,
     ("train", None): cmd_train, ("rollout", None): cmd_rollout,
     ("bench", "rollout"): cmd_bench, ("bench", "memory"): cmd_bench,
+    ("namm", "import"): cmd_namm_import,
 }
 
 
@@ -251,7 +290,7 @@ def main(argv=None):
         args = make_parser().parse_args(argv)
     except SystemExit as e:  # argparse's own usage errors (already one line) and --help
         return e.code
-    sub = getattr(args, "data_command", None) or getattr(args, "bench_command", None)
+    sub = getattr(args, f"{args.command}_command", None)
     try:
         COMMANDS[(args.command, sub)](args)
     except UserError as e:

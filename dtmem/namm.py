@@ -8,8 +8,15 @@ Features of a cached token (per layer and head), 25 numbers:
   queries (plus 16 samples carried over), reduced over frames by an EMA and standardised.
 """
 
+import pickle
+import zipfile
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+from dtmem.errors import UserError
+from dtmem.files import atomic_path
 
 N_FFT, HOP = 32, 16  # periodic Hann window of 32 samples, hop 16, center=False
 N_BINS = N_FFT // 2 + 1  # 17 one-sided frequency bins
@@ -119,3 +126,68 @@ SCORERS = {"bam": (bam_scores, BAM_PARAMS), "mlp": (mlp_scores, MLP_PARAMS)}
 def standardise(values, stats):
     mean, var, _ = stats
     return (values - mean) / torch.clamp_min(torch.sqrt(var), 1e-7)
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "namm" / "default.pt"
+
+
+def save_namm(path, scorer, params, stats, n_up, meta):
+    """A NAMM file: the flat parameter vector, its standardisation statistics, n_up."""
+    mean, var, count = stats
+    payload = {"format": "dtmem-namm-1", "scorer": scorer, "params": params.detach().cpu(),
+               "stats_mean": mean.cpu(), "stats_var": var.cpu(), "stats_count": int(count),
+               "n_up": n_up, "meta": meta}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _safe_load(path, what):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError,
+            OSError) as e:
+        raise UserError(f"{what} {path} is corrupt or holds more than tensors "
+                        f"({type(e).__name__}); nothing from it was run") from None
+
+
+def load_namm(path, scorer):
+    """(params [P], stats, n_up, meta) from a dtmem NAMM file made for `scorer`."""
+    payload = _safe_load(path, "NAMM file")
+    n_params = SCORERS[scorer][1]
+    if not isinstance(payload, dict) or payload.get("format") != "dtmem-namm-1":
+        raise UserError(f"{path} is not a dtmem NAMM file; import an original checkpoint "
+                        "with `dtmem namm import`")
+    params = payload["params"]
+    if payload["scorer"] != scorer or params.shape != (n_params,):
+        raise UserError(f"{path} holds a {payload['scorer']} NAMM of {params.numel()} "
+                        f"parameters; policy needs {scorer} with {n_params}")
+    stats = (payload["stats_mean"], payload["stats_var"], payload["stats_count"])
+    return params.float(), stats, payload["n_up"], payload["meta"]
+
+
+def import_original(path):
+    """(params [4172], stats) from a checkpoint of the original NAMM code: its CMA-ES `mean`
+    and the standardisation buffers named *_mean, *_var, *_num (each 17 values)."""
+    payload = _safe_load(path, "NAMM checkpoint")
+    found = {}
+
+    def walk(node, key=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, str(k))
+        elif isinstance(node, torch.Tensor):
+            if key == "mean" and node.numel() == BAM_PARAMS:
+                found["params"] = node.reshape(-1).float()
+            for suffix in ("_mean", "_var", "_num"):
+                if key.endswith(suffix) and node.numel() in (1, N_BINS):
+                    found[suffix] = node.reshape(-1).float()
+
+    walk(payload)
+    missing = [k for k in ("params", "_mean", "_var", "_num") if k not in found]
+    if missing:
+        raise UserError(f"{path} lacks the CMA-ES mean of {BAM_PARAMS} values or the "
+                        "normalisation buffers (*_mean, *_var, *_num)")
+    return found["params"], (found["_mean"], found["_var"], int(found["_num"].reshape(-1)[0]))

@@ -33,9 +33,11 @@ class EpisodeResult:
 
 def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, policy="recompute",
             episodes=10, slots=None, seed=0, target_return=None, progress=False, budget=None,
-            ratio=None):
+            ratio=None, memory=None):
     """Run `episodes` episodes with memory policy `policy` (at a token `budget` or a
     `ratio` of the tokens seen, for policies that take one) in min(slots, episodes) slots.
+    memory: an already made MemoryPolicy to use instead (e.g. a NAMM with per-slot
+    parameters during evolution).
     Returns (list of EpisodeResult in episode order, number of env steps taken)."""
     device = next(model.parameters()).device
     cfg = model.cfg
@@ -54,7 +56,7 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, polic
         hist_actions = torch.zeros(E, T, cfg.act_dim, device=device)
         hist_rtg = torch.zeros(E, T, 1, device=device)
     else:
-        memory = make_policy(policy, K, 3 * T, budget, ratio)
+        memory = memory or make_policy(policy, K, 3 * T, budget, ratio)
         cache = model.new_cache(E, memory.capacity(), device)
         memory.prepare(cache)
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from dtmem import namm
 from dtmem.cli import main
 from dtmem.memory import POLICIES, make_policy
 from dtmem.model import DecisionTransformer, DTConfig
@@ -13,9 +14,15 @@ from dtmem.model import DecisionTransformer, DTConfig
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_every_policy_runs_and_respects_its_budget(capsys, tmp_path, checkpoint, policy):
     out = tmp_path / "r.json"
-    budget = ["--budget", "30"] if POLICIES[policy].takes_budget else []
+    extra = ["--budget", "30"] if POLICIES[policy].takes_budget else []
+    if policy.startswith("namm"):  # a NAMM with random parameters, so that it evicts
+        scorer = POLICIES[policy].scorer
+        params = torch.randn(namm.SCORERS[scorer][1], generator=torch.Generator().manual_seed(0))
+        namm.save_namm(tmp_path / "n.pt", scorer, params * 0.1,
+                       (torch.zeros(17), torch.ones(17), 1), 48, {})
+        extra += ["--namm", str(tmp_path / "n.pt")]
     code = main(["rollout", "--env", "hopper", "--policy", policy, "--episodes", "3",
-                 "--slots", "2", "--checkpoint", str(checkpoint), "--json", str(out), *budget])
+                 "--slots", "2", "--checkpoint", str(checkpoint), "--json", str(out), *extra])
     assert code == 0, capsys.readouterr().err
     summary = json.loads(out.read_text())["summary"]
     # Scored heuristics hold the budget plus the 3 new tokens; NAMM's cap applies at its

@@ -126,3 +126,54 @@ def test_n_up_must_be_a_multiple_of_16():
 
     with pytest.raises(UserError):
         NAMM(20, 3000, n_up=40)
+
+
+def test_import_of_an_original_checkpoint_scores_identically(capsys, tmp_path, checkpoint):
+    """A file shaped like the original code's checkpoint: CMA-ES state plus buffers."""
+    import json
+
+    from dtmem.cli import main
+    from dtmem.memory.namm import NAMM
+
+    torch.manual_seed(3)
+    mean = torch.randn(4172) * 0.05
+    original = {
+        "evolution_state": {"mean": mean, "sigma": torch.tensor(0.065),
+                            "C": torch.eye(8), "pc": torch.zeros(8)},
+        "buffers": {"memory_policy.token_embedding.online_output_mean": torch.rand(1, 1, 1, 17),
+                    "memory_policy.token_embedding.online_output_var": torch.rand(1, 1, 1, 17) + 0.5,
+                    "memory_policy.token_embedding.online_output_num": torch.tensor([[[[1234.0]]]])},
+    }
+    torch.save(original, tmp_path / "original.pt")
+    assert main(["namm", "import", str(tmp_path / "original.pt"), "--out",
+                 str(tmp_path / "mine.pt"), "--n-up", "48"]) == 0
+    imported = NAMM(20, 3000, namm_file=tmp_path / "mine.pt")
+    assert torch.equal(imported.params, mean) and imported.stats[2] == 1234
+    assert torch.equal(imported.stats[0], original["buffers"][
+        "memory_policy.token_embedding.online_output_mean"].reshape(17))
+    # The same features give the same scores as the vector used directly.
+    x, allowed = torch.randn(2, 6, 25), torch.ones(2, 6, 6, dtype=torch.bool)
+    assert torch.equal(namm.bam_scores(imported.params.expand(2, -1), x, allowed),
+                       namm.bam_scores(mean.expand(2, -1), x, allowed))
+    out = tmp_path / "r.json"
+    assert main(["rollout", "--policy", "namm", "--namm", str(tmp_path / "mine.pt"),
+                 "--episodes", "2", "--checkpoint", str(checkpoint), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["namm"].endswith("mine.pt")
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"garbage", "corrupt"),
+    (None, "holds a bam NAMM of 10 parameters"),
+])
+def test_bad_namm_files_are_one_line_errors(capsys, tmp_path, checkpoint, content, needle):
+    from dtmem.cli import main
+
+    path = tmp_path / "bad.pt"
+    if content is None:
+        namm.save_namm(path, "bam", torch.zeros(10), (torch.zeros(17), torch.ones(17), 1), 48, {})
+    else:
+        path.write_bytes(content)
+    code = main(["rollout", "--policy", "namm", "--namm", str(path), "--checkpoint",
+                 str(checkpoint)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err

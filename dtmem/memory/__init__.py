@@ -92,7 +92,9 @@ def policy_names():
     return ["recompute", *POLICIES]
 
 
-def make_policy(name, context_steps, max_tokens, budget=None, ratio=None) -> MemoryPolicy:
+def make_policy(name, context_steps, max_tokens, budget=None, ratio=None,
+                **options) -> MemoryPolicy:
+    """options: policy-specific settings (NAMM: namm_file, n_up)."""
     if name not in POLICIES:
         raise UserError(f"unknown policy {name!r}; valid policies: {', '.join(policy_names())}")
     cls = POLICIES[name]
@@ -104,7 +106,7 @@ def make_policy(name, context_steps, max_tokens, budget=None, ratio=None) -> Mem
         raise UserError(f"--budget must be between 3 and {max_tokens} tokens, got {budget}")
     if ratio is not None and not 0 < ratio <= 1:
         raise UserError(f"--ratio must be in (0, 1], got {ratio}")
-    return cls(context_steps, max_tokens, budget=budget, ratio=ratio)
+    return cls(context_steps, max_tokens, budget=budget, ratio=ratio, **options)
 
 
 # Import every module of this package so that each policy registers itself.

@@ -27,7 +27,10 @@ class NAMM(MemoryPolicy):
     needs_attention = True
     takes_budget = True
 
-    def __init__(self, context_steps, max_tokens, budget=None, ratio=None, n_up=DEFAULT_N_UP):
+    def __init__(self, context_steps, max_tokens, budget=None, ratio=None, n_up=DEFAULT_N_UP,
+                 namm_file=None):
+        """namm_file: parameters, frozen statistics and n_up from a NAMM file; without
+        one the parameters are zero (keep everything) and statistics are collected."""
         super().__init__(context_steps, max_tokens)
         if ratio is not None:
             raise UserError(f"policy {self.name!r} takes a --budget (hard cap), not --ratio")
@@ -40,6 +43,10 @@ class NAMM(MemoryPolicy):
         # collect_stats is True (the first evaluation, zero parameters), then frozen.
         self.stats = (torch.zeros(namm.N_BINS), torch.ones(namm.N_BINS), 0)
         self.collect_stats = True
+        if namm_file is not None:
+            self.params, self.stats, self.n_up, self.meta = namm.load_namm(namm_file,
+                                                                           self.scorer)
+            self.collect_stats = False
 
     def capacity(self):
         if self.cap is None:
