@@ -103,6 +103,17 @@ def make_parser():
     roll.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_threads_flag(roll)
 
+    evo = commands.add_parser("evolve", help="evolve a NAMM with CMA-ES (also scripts/evolve.py)")
+    evo.add_argument("--tasks", help="comma-separated tasks of the first stage")
+    evo.add_argument("--then", action="append", default=[],
+                     help="tasks of a further incremental stage (repeatable)")
+    evo.add_argument("--out", help="run directory (state.json, log.csv, latest.pt, best.pt)")
+    evo.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
+    evo.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_threads_flag(evo)
+    from dtmem.evolve import EvolveConfig
+    add_dataclass_flags(evo, EvolveConfig, skip=("stages",))
+
     namm_cmd = commands.add_parser("namm", help="NAMM files")
     namm_commands = namm_cmd.add_subparsers(dest="namm_command", required=True,
                                             parser_class=Parser)
@@ -226,6 +237,32 @@ def cmd_rollout(args):
         print(f"wrote {args.json}")
 
 
+def cmd_evolve(args):
+    import torch
+
+    from dtmem.evolve import Evolution, EvolveConfig
+    from dtmem.train import pick_device
+
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    if args.resume:
+        run = Evolution.resume(args.resume, device)
+    else:
+        if not args.tasks or not args.out:
+            raise UserError("give --tasks and --out for a new run, or --resume DIR")
+        stages = [args.tasks.split(",")] + [stage.split(",") for stage in args.then]
+        for task in {t for stage in stages for t in stage}:
+            resolve_task(task=task)
+        if (Path(args.out) / "state.json").exists():
+            raise UserError(f"{args.out} already holds a run; --resume it or choose another --out")
+        cfg = EvolveConfig(stages=stages, **{f.name: getattr(args, f.name)
+                                             for f in fields(EvolveConfig) if f.name != "stages"})
+        run = Evolution(cfg, args.out, device)
+    run.run()
+    print(f"{len(run.history)} generations in {run.out}; the CMA-ES mean is latest.pt, the best "
+          "evaluated mean best.pt")
+
+
 def namm_default():
     from dtmem.namm import SHIPPED
 
@@ -281,7 +318,7 @@ COMMANDS = {
     ("data", "list"): cmd_data_list, ("data", "build"): cmd_data_build,
     ("train", None): cmd_train, ("rollout", None): cmd_rollout,
     ("bench", "rollout"): cmd_bench, ("bench", "memory"): cmd_bench,
-    ("namm", "import"): cmd_namm_import,
+    ("namm", "import"): cmd_namm_import, ("evolve", None): cmd_evolve,
 }
 
 

@@ -33,11 +33,11 @@ class EpisodeResult:
 
 def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, policy="recompute",
             episodes=10, slots=None, seed=0, target_return=None, progress=False, budget=None,
-            ratio=None, memory=None):
+            ratio=None, memory=None, seeds=None):
     """Run `episodes` episodes with memory policy `policy` (at a token `budget` or a
     `ratio` of the tokens seen, for policies that take one) in min(slots, episodes) slots.
     memory: an already made MemoryPolicy to use instead (e.g. a NAMM with per-slot
-    parameters during evolution).
+    parameters during evolution). seeds: env seed of each episode (default seed + i).
     Returns (list of EpisodeResult in episode order, number of env steps taken)."""
     device = next(model.parameters()).device
     cfg = model.cfg
@@ -70,9 +70,12 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, polic
     token_sum, token_max = np.zeros((E, cfg.n_layer)), np.zeros((E, cfg.n_layer))
     results, next_episode, env_steps = {}, 0, 0
 
+    def episode_seed(i):
+        return seed + i if seeds is None else int(seeds[i])
+
     def start(slot):
         nonlocal next_episode
-        obs[slot], _ = envs[slot].reset(seed=seed + next_episode)
+        obs[slot], _ = envs[slot].reset(seed=episode_seed(next_episode))
         episode[slot] = next_episode
         next_episode += 1
         t[slot], rtg[slot], ret[slot] = 0, target / task.return_scale, 0.0
@@ -115,7 +118,7 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, polic
                 i = int(episode[slot])
                 length = int(t[slot])
                 results[i] = EpisodeResult(
-                    episode=i, seed=seed + i, ret=float(ret[slot]), length=length,
+                    episode=i, seed=episode_seed(i), ret=float(ret[slot]), length=length,
                     score=float(task.normalise(ret[slot])),
                     mean_tokens=float(token_sum[slot].mean() / length),
                     max_tokens=int(token_max[slot].max()),

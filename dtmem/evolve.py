@@ -1,0 +1,208 @@
+"""Evolving NAMMs with CMA-ES (the `cma` package), as published: population 32, sigma
+0.065, zero initial mean, log-rank weights over the best half, full covariance; the
+CMA-ES mean is the solution. Fitness: mean over tasks of the DT + NAMM normalised score.
+
+Each task evaluates the whole population in ONE batched rollout (slots = members x
+episodes). Every member of a generation meets the same env seeds (common random
+numbers); each generation draws fresh ones.
+
+Checkpoints hold no pickled objects: the run directory keeps the fitness of every
+member of every generation, and `--resume` replays them through a fresh CMA-ES with the
+same seed, which rebuilds its exact state (CMA-ES is deterministic given its seed and
+the fitness values it is told).
+"""
+
+import csv
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dtmem import namm
+from dtmem.checkpoints import SHIPPED_DIR, load_model
+from dtmem.errors import UserError
+from dtmem.files import atomic_path, provenance, write_json
+from dtmem.memory import POLICIES
+from dtmem.rollout import rollout
+from dtmem.tasks import resolve_task
+
+
+@dataclass
+class EvolveConfig:
+    """One evolution run; stored in its state.json."""
+
+    stages: list
+    """task lists, one per incremental stage, e.g. [["hopper-medium"], ["hopper-medium", "walker2d-medium"]]"""
+    generations: int = 50
+    """generations per stage"""
+    population: int = 32
+    """CMA-ES population"""
+    sigma: float = 0.065
+    """initial CMA-ES step size"""
+    episodes: int = 2
+    """episodes per member per task"""
+    scorer: str = "bam"
+    """bam or mlp"""
+    n_up: int = 48
+    """tokens between NAMM updates (a multiple of 16)"""
+    seed: int = 0
+    """seeds CMA-ES and the env seeds of every generation"""
+    eval_mean_every: int = 5
+    """generations between evaluations of the CMA-ES mean (kept in best.pt if it improves)"""
+    mean_episodes: int = 8
+    """episodes per task for each evaluation of the mean"""
+
+
+def _cma():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cma warns that matplotlib (plots) is missing
+        import cma
+    return cma
+
+
+class Evolution:
+    def __init__(self, cfg: EvolveConfig, out, device="cpu"):
+        for name in ("generations", "population", "episodes", "eval_mean_every",
+                     "mean_episodes"):
+            if getattr(cfg, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive")
+        if cfg.scorer not in namm.SCORERS:
+            raise UserError(f"unknown scorer {cfg.scorer!r}; use bam or mlp")
+        self.cfg, self.out, self.device = cfg, Path(out), device
+        self.policy_name = "namm" if cfg.scorer == "bam" else "namm-mlp"
+        self.n_params = namm.SCORERS[cfg.scorer][1]
+        self.models = {}
+        for task_name in sorted({t for stage in cfg.stages for t in stage}):
+            task = resolve_task(task=task_name)
+            path = SHIPPED_DIR / f"{task.name}.pt"
+            if not path.exists():
+                raise UserError(f"no shipped DT for {task.name}; build it with "
+                                "scripts/build_suite.py")
+            self.models[task.name] = (task, *load_model(path, device))
+        self.es = _cma().CMAEvolutionStrategy(
+            np.zeros(self.n_params), cfg.sigma,
+            {"popsize": cfg.population, "seed": cfg.seed + 1, "verbose": -9})
+        self.history = []  # per generation: {"stage", "fitness": [...], ...}
+        self.stats = None
+        self.best_mean_fitness = None
+
+    def policy(self, slot_params, max_tokens):
+        """A NAMM with one parameter vector per slot, statistics frozen (or collecting)."""
+        policy = POLICIES[self.policy_name](None, max_tokens, n_up=self.cfg.n_up)
+        policy.params = torch.as_tensor(slot_params, dtype=torch.float32)
+        if self.stats is not None:
+            policy.stats, policy.collect_stats = self.stats, False
+        return policy
+
+    def evaluate(self, member_params, tasks, episodes, seed):
+        """Normalised score per member (mean over tasks and episodes) and mean cache size."""
+        members = len(member_params)
+        scores, tokens = np.zeros(members), []
+        for task_name in tasks:
+            task, model, payload = self.models[task_name]
+            slot_params = np.repeat(member_params, episodes, axis=0)  # slot = member x episode
+            policy = self.policy(slot_params, 3 * task.max_episode_steps)
+            seeds = [seed + i % episodes for i in range(len(slot_params))]
+            results, _ = rollout(model, payload["state_mean"], payload["state_std"], task,
+                                 self.policy_name, episodes=len(slot_params), seeds=seeds,
+                                 memory=policy)
+            per_episode = np.array([r.score for r in results]).reshape(members, episodes)
+            scores += per_episode.mean(1) / len(tasks)
+            tokens += [r.mean_tokens for r in results]
+        return scores, float(np.mean(tokens)), policy
+
+    def collect_stats(self):
+        """Standardisation statistics from the all-zero NAMM (which keeps everything) on
+        the first stage's tasks, then frozen for the whole run."""
+        zero = np.zeros((1, self.n_params))
+        stats = None
+        for task_name in self.cfg.stages[0]:
+            _, _, policy = self.evaluate(zero, [task_name], self.cfg.episodes, self.cfg.seed)
+            stats = policy.stats if stats is None else namm.merge_stats(stats, policy.stats)
+        self.stats = stats
+
+    def generation_seed(self, generation):
+        return self.cfg.seed * 1_000_003 + 1000 * (generation + 1)
+
+    def run(self, progress=True, stop_after=None):
+        cfg = self.cfg
+        total = cfg.generations * len(cfg.stages)
+        if self.stats is None:
+            self.collect_stats()
+        bar = tqdm(total=total, initial=len(self.history), desc="evolve", disable=not progress)
+        try:
+            while len(self.history) < total:
+                if stop_after is not None and len(self.history) >= stop_after:
+                    break
+                generation = len(self.history)
+                stage = generation // cfg.generations
+                begin = time.perf_counter()
+                candidates = np.array(self.es.ask())
+                fitness, tokens, _ = self.evaluate(candidates, cfg.stages[stage], cfg.episodes,
+                                                   self.generation_seed(generation))
+                self.es.tell(list(candidates), list(-fitness))  # cma minimises
+                row = {"generation": generation, "stage": stage,
+                       "fitness": fitness.tolist(), "best": float(fitness.max()),
+                       "mean": float(fitness.mean()), "mean_tokens": tokens, "mean_eval": None,
+                       "wall": round(time.perf_counter() - begin, 2)}
+                if (generation + 1) % cfg.eval_mean_every == 0 or generation + 1 == total:
+                    mean_fitness, _, _ = self.evaluate(self.es.mean[None], cfg.stages[stage],
+                                                       cfg.mean_episodes, seed=10_000_000)
+                    row["mean_eval"] = float(mean_fitness[0])
+                self.history.append(row)
+                self.save(row)
+                bar.update(1)
+                bar.set_postfix(best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}")
+        except KeyboardInterrupt:
+            print(f"interrupted; {len(self.history)} generations saved in {self.out}, "
+                  "continue with --resume")
+        bar.close()
+
+    def save(self, row):
+        """Atomic: state.json (config, stats, every fitness), log.csv, latest.pt, best.pt."""
+        meta = {"stages": self.cfg.stages, "generations_done": len(self.history),
+                "provenance": provenance(evolve_config=asdict(self.cfg))}
+        mean = torch.as_tensor(self.es.mean, dtype=torch.float32)
+        namm.save_namm(self.out / "latest.pt", self.cfg.scorer, mean, self.stats,
+                       self.cfg.n_up, meta)
+        if row["mean_eval"] is not None and (self.best_mean_fitness is None
+                                             or row["mean_eval"] > self.best_mean_fitness):
+            self.best_mean_fitness = row["mean_eval"]
+            namm.save_namm(self.out / "best.pt", self.cfg.scorer, mean, self.stats,
+                           self.cfg.n_up, {**meta, "mean_eval": row["mean_eval"]})
+        mean_, var, count = self.stats
+        write_json(self.out / "state.json", {
+            "config": asdict(self.cfg), "stats": [mean_.tolist(), var.tolist(), int(count)],
+            "best_mean_fitness": self.best_mean_fitness, "history": self.history})
+        with atomic_path(self.out / "log.csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["generation", "stage", "best", "mean", "mean_eval",
+                                 "mean_tokens", "wall"])
+                for h in self.history:
+                    writer.writerow([h["generation"], h["stage"], h["best"], h["mean"],
+                                     h["mean_eval"], h["mean_tokens"], h["wall"]])
+
+    @classmethod
+    def resume(cls, out, device="cpu"):
+        """Rebuild a run from its state.json by replaying every told fitness."""
+        path = Path(out) / "state.json"
+        if not path.exists():
+            raise UserError(f"nothing to resume: {path} does not exist")
+        try:
+            state = json.loads(path.read_text())
+            run = cls(EvolveConfig(**state["config"]), out, device)
+        except (ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{path} is corrupt ({type(e).__name__})") from None
+        mean, var, count = state["stats"]
+        run.stats = (torch.tensor(mean), torch.tensor(var), count)
+        for row in state["history"]:
+            candidates = run.es.ask()
+            run.es.tell(candidates, [-f for f in row["fitness"]])
+        run.history, run.best_mean_fitness = state["history"], state["best_mean_fitness"]
+        return run
