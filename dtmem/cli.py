@@ -110,6 +110,8 @@ def make_parser():
     evo.add_argument("--out", help="run directory (state.json, log.csv, latest.pt, best.pt)")
     evo.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
     evo.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    evo.add_argument("--workers", type=positive, default=1,
+                     help="evaluate tasks in this many parallel processes")
     add_threads_flag(evo)
     from dtmem.evolve import EvolveConfig
     add_dataclass_flags(evo, EvolveConfig, skip=("stages",))
@@ -246,7 +248,7 @@ def cmd_evolve(args):
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     if args.resume:
-        run = Evolution.resume(args.resume, device)
+        run = Evolution.resume(args.resume, device, args.workers)
     else:
         if not args.tasks or not args.out:
             raise UserError("give --tasks and --out for a new run, or --resume DIR")
@@ -257,7 +259,7 @@ def cmd_evolve(args):
             raise UserError(f"{args.out} already holds a run; --resume it or choose another --out")
         cfg = EvolveConfig(stages=stages, **{f.name: getattr(args, f.name)
                                              for f in fields(EvolveConfig) if f.name != "stages"})
-        run = Evolution(cfg, args.out, device)
+        run = Evolution(cfg, args.out, device, args.workers)
     run.run()
     print(f"{len(run.history)} generations in {run.out}; the CMA-ES mean is latest.pt, the best "
           "evaluated mean best.pt")

@@ -14,8 +14,10 @@ the fitness values it is told).
 
 import csv
 import json
+import multiprocessing
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,14 +68,14 @@ def _cma():
 
 
 class Evolution:
-    def __init__(self, cfg: EvolveConfig, out, device="cpu"):
+    def __init__(self, cfg: EvolveConfig, out, device="cpu", workers=1):
         for name in ("generations", "population", "episodes", "eval_mean_every",
                      "mean_episodes"):
             if getattr(cfg, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
         if cfg.scorer not in namm.SCORERS:
             raise UserError(f"unknown scorer {cfg.scorer!r}; use bam or mlp")
-        self.cfg, self.out, self.device = cfg, Path(out), device
+        self.cfg, self.out, self.device, self.workers = cfg, Path(out), device, workers
         self.policy_name = "namm" if cfg.scorer == "bam" else "namm-mlp"
         self.n_params = namm.SCORERS[cfg.scorer][1]
         self.models = {}
@@ -91,40 +93,33 @@ class Evolution:
         self.stats = None
         self.best_mean_fitness = None
 
-    def policy(self, slot_params, max_tokens):
-        """A NAMM with one parameter vector per slot, statistics frozen (or collecting)."""
-        policy = POLICIES[self.policy_name](None, max_tokens, n_up=self.cfg.n_up)
-        policy.params = torch.as_tensor(slot_params, dtype=torch.float32)
-        if self.stats is not None:
-            policy.stats, policy.collect_stats = self.stats, False
-        return policy
-
     def evaluate(self, member_params, tasks, episodes, seed):
-        """Normalised score per member (mean over tasks and episodes) and mean cache size."""
-        members = len(member_params)
-        scores, tokens = np.zeros(members), []
-        for task_name in tasks:
-            task, model, payload = self.models[task_name]
-            slot_params = np.repeat(member_params, episodes, axis=0)  # slot = member x episode
-            policy = self.policy(slot_params, 3 * task.max_episode_steps)
-            seeds = [seed + i % episodes for i in range(len(slot_params))]
-            results, _ = rollout(model, payload["state_mean"], payload["state_std"], task,
-                                 self.policy_name, episodes=len(slot_params), seeds=seeds,
-                                 memory=policy)
-            per_episode = np.array([r.score for r in results]).reshape(members, episodes)
-            scores += per_episode.mean(1) / len(tasks)
-            tokens += [r.mean_tokens for r in results]
-        return scores, float(np.mean(tokens)), policy
+        """Normalised score per member (mean over tasks and episodes), mean cache size,
+        and the standardisation statistics the rollouts saw (collected if not frozen).
+        With workers > 1, tasks run in parallel processes; results are the same."""
+        jobs = [(*self.models[name], self.policy_name, self.cfg.n_up, self.stats,
+                 member_params, episodes, seed) for name in tasks]
+        if self.workers > 1 and len(jobs) > 1:
+            spawn = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(self.workers, len(jobs)), mp_context=spawn) as pool:
+                outcomes = list(pool.map(_evaluate_task, *zip(*jobs)))
+        else:
+            outcomes = [_evaluate_task(*job) for job in jobs]
+        scores = np.mean([score for score, _, _ in outcomes], axis=0)
+        tokens = float(np.mean([t for _, task_tokens, _ in outcomes for t in task_tokens]))
+        stats = self.stats
+        if stats is None:  # collecting: pool what every task's rollout saw
+            stats = outcomes[0][2]
+            for _, _, more in outcomes[1:]:
+                stats = namm.merge_stats(stats, more)
+        return scores, tokens, stats
 
     def collect_stats(self):
         """Standardisation statistics from the all-zero NAMM (which keeps everything) on
         the first stage's tasks, then frozen for the whole run."""
         zero = np.zeros((1, self.n_params))
-        stats = None
-        for task_name in self.cfg.stages[0]:
-            _, _, policy = self.evaluate(zero, [task_name], self.cfg.episodes, self.cfg.seed)
-            stats = policy.stats if stats is None else namm.merge_stats(stats, policy.stats)
-        self.stats = stats
+        _, _, self.stats = self.evaluate(zero, self.cfg.stages[0], self.cfg.episodes,
+                                         self.cfg.seed)
 
     def generation_seed(self, generation):
         return self.cfg.seed * 1_000_003 + 1000 * (generation + 1)
@@ -189,14 +184,14 @@ class Evolution:
                                      h["mean_eval"], h["mean_tokens"], h["wall"]])
 
     @classmethod
-    def resume(cls, out, device="cpu"):
+    def resume(cls, out, device="cpu", workers=1):
         """Rebuild a run from its state.json by replaying every told fitness."""
         path = Path(out) / "state.json"
         if not path.exists():
             raise UserError(f"nothing to resume: {path} does not exist")
         try:
             state = json.loads(path.read_text())
-            run = cls(EvolveConfig(**state["config"]), out, device)
+            run = cls(EvolveConfig(**state["config"]), out, device, workers)
         except (ValueError, TypeError, KeyError) as e:
             raise UserError(f"{path} is corrupt ({type(e).__name__})") from None
         mean, var, count = state["stats"]
@@ -206,3 +201,21 @@ class Evolution:
             run.es.tell(candidates, [-f for f in row["fitness"]])
         run.history, run.best_mean_fitness = state["history"], state["best_mean_fitness"]
         return run
+
+
+def _evaluate_task(task, model, payload, policy_name, n_up, stats, member_params, episodes,
+                   seed):
+    """One task's batched rollout of every member: slot = member x episode, and every
+    member meets env seeds seed .. seed + episodes - 1. Module-level, for worker processes."""
+    torch.set_num_threads(1)
+    members = len(member_params)
+    policy = POLICIES[policy_name](None, 3 * task.max_episode_steps, n_up=n_up)
+    policy.params = torch.as_tensor(np.repeat(member_params, episodes, axis=0),
+                                    dtype=torch.float32)
+    if stats is not None:
+        policy.stats, policy.collect_stats = stats, False
+    seeds = [seed + i % episodes for i in range(members * episodes)]
+    results, _ = rollout(model, payload["state_mean"], payload["state_std"], task, policy_name,
+                         episodes=members * episodes, seeds=seeds, memory=policy)
+    scores = np.array([r.score for r in results]).reshape(members, episodes).mean(1)
+    return scores, [r.mean_tokens for r in results], policy.stats

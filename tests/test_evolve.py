@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from dtmem import checkpoints, evolve
 from dtmem.cli import main
@@ -67,3 +68,17 @@ def test_incremental_stages_and_cli(shipped, tmp_path, capsys):
     assert [h["stage"] for h in history] == [0, 1]
     code = main(["evolve", "--tasks", "hopper-medium", "--out", str(out)])
     assert code == 2 and "already holds a run" in capsys.readouterr().err
+
+
+def test_parallel_workers_give_the_same_fitness(shipped, tmp_path):
+    shutil.copy(shipped / "hopper-medium.pt", shipped / "hopper-expert.pt")
+    cfg = tiny(stages=[["hopper-medium", "hopper-expert"]])
+    members = np.random.default_rng(0).normal(0, 0.065, size=(3, 4172))
+    serial = evolve.Evolution(cfg, tmp_path / "e")
+    parallel = evolve.Evolution(cfg, tmp_path / "f", workers=2)
+    for run in (serial, parallel):
+        run.collect_stats()
+    assert all(torch.equal(a, b) for a, b in zip(serial.stats[:2], parallel.stats[:2]))
+    a = serial.evaluate(members, cfg.stages[0], 1, seed=3)[0]
+    b = parallel.evaluate(members, cfg.stages[0], 1, seed=3)[0]
+    assert np.array_equal(a, b)
