@@ -101,3 +101,22 @@ def print_memory_bench(rows):
 def cache_bytes(model, slots, tokens):
     cfg = model.cfg
     return 2 * cfg.n_layer * slots * tokens * cfg.n_embd * torch.finfo(torch.float32).bits // 8
+
+
+def bench_generation(model, state_mean, state_std, task: Task, population=32, episodes=2,
+                     scorer="bam", n_up=48):
+    """Wall time of one evolution generation (every member in one batched rollout, members
+    drawn as CMA-ES draws its first generation) and the env floor of the same episodes."""
+    from dtmem.evolve import _evaluate_task
+    from dtmem.namm import SCORERS
+
+    payload = {"state_mean": state_mean, "state_std": state_std}
+    policy = "namm" if scorer == "bam" else "namm-mlp"
+    zero = np.zeros((1, SCORERS[scorer][1]))
+    _, _, stats = _evaluate_task(task, model, payload, policy, n_up, None, zero, 1, 0)
+    members = np.random.default_rng(0).normal(0, 0.065, (population, SCORERS[scorer][1]))
+    begin = time.perf_counter()
+    _, results, _ = _evaluate_task(task, model, payload, policy, n_up, stats, members,
+                                   episodes, 1000)
+    wall = time.perf_counter() - begin
+    return wall, env_floor(task, [r.length for r in results], population * episodes), results

@@ -128,7 +128,8 @@ def make_parser():
     bench = commands.add_parser("bench", help="throughput benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
     for name, help_text in (("rollout", "rollout speed vs recompute and env stepping"),
-                            ("memory", "each memory policy's rollout time vs the full cache")):
+                            ("memory", "each memory policy's rollout time vs the full cache"),
+                            ("evolve", "one evolution generation vs env stepping")):
         bench_one = bench_commands.add_parser(name, help=help_text)
         add_task_flags(bench_one)
         # HalfCheetah never terminates: every episode is 1000 steps, whatever the checkpoint.
@@ -312,8 +313,13 @@ def cmd_bench(args):
     if args.bench_command == "rollout":
         rows = bench.run_bench(model, mean, std, task, bench.rollout_configs())
         bench.print_bench(rows, bench.cache_bytes(model, 64, 3 * task.max_episode_steps))
-    else:
+    elif args.bench_command == "memory":
         bench.print_memory_bench(bench.run_bench(model, mean, std, task, bench.memory_configs()))
+    else:
+        wall, floor, results = bench.bench_generation(model, mean, std, task)
+        steps = sum(r.length for r in results)
+        print(f"one generation: 32 members x 2 episodes, {steps} env steps, {wall:.1f} s; "
+              f"env stepping alone {floor:.1f} s; ratio {wall / floor:.2f}")
 
 
 COMMANDS = {

@@ -106,7 +106,7 @@ class Evolution:
         else:
             outcomes = [_evaluate_task(*job) for job in jobs]
         scores = np.mean([score for score, _, _ in outcomes], axis=0)
-        tokens = float(np.mean([t for _, task_tokens, _ in outcomes for t in task_tokens]))
+        tokens = float(np.mean([r.mean_tokens for _, results, _ in outcomes for r in results]))
         stats = self.stats
         if stats is None:  # collecting: pool what every task's rollout saw
             stats = outcomes[0][2]
@@ -218,4 +218,4 @@ def _evaluate_task(task, model, payload, policy_name, n_up, stats, member_params
     results, _ = rollout(model, payload["state_mean"], payload["state_std"], task, policy_name,
                          episodes=members * episodes, seeds=seeds, memory=policy)
     scores = np.array([r.score for r in results]).reshape(members, episodes).mean(1)
-    return scores, [r.mean_tokens for r in results], policy.stats
+    return scores, results, policy.stats

@@ -71,3 +71,17 @@ def test_shipped_hopper_policy_collects_longer_episodes_than_random():
         episodes = collect_episodes(task, policy, 400, seed=0, n_envs=2, progress=False)
         lengths[name] = np.mean([len(e["actions"]) for e in episodes])
     assert lengths["expert"] > 5 * lengths["random"]
+
+
+def test_bench_generation_times_a_whole_population(checkpoint):
+    from dtmem.bench import bench_generation
+    from dtmem.checkpoints import load_model
+    from dtmem.tasks import resolve_task
+
+    model, payload = load_model(checkpoint)
+    wall, floor, results = bench_generation(model, payload["state_mean"], payload["state_std"],
+                                            resolve_task("hopper"), population=3, episodes=2,
+                                            n_up=16)
+    assert len(results) == 6 and wall > 0 and floor > 0
+    # Common random numbers: the two episodes of every member share their env seeds.
+    assert [r.seed for r in results] == [1000, 1001] * 3
