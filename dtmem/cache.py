@@ -88,7 +88,7 @@ class KVCache:
         n_new = new_valid.sum(-1)  # [E]
         full = self.length + n_new > self.capacity  # [L, E]
         if full.any():
-            self._compact(full)
+            self.compact(full)
             if (self.length + n_new > self.capacity).any():
                 raise RuntimeError(
                     f"KV cache capacity {self.capacity} exhausted: the memory policy keeps "
@@ -122,7 +122,7 @@ class KVCache:
             store[layer].view(E * C, *store.shape[3:]).index_copy_(
                 0, in_layer[layer], new.transpose(1, 2)[new_valid])
 
-    def _compact(self, which):
+    def compact(self, which):
         """Gather the valid tokens of the (layer, slot) pairs in which [L, E] to the front."""
         L, E, C = self.valid.shape
         layer, slot = which.nonzero(as_tuple=True)

@@ -100,7 +100,7 @@ def test_evicted_state_follows_compaction():
     state = cache.add_token_state("probe")
     state[:, 0, :35] = torch.arange(35).float()
     cache.evict(cache.arrival % 2 == 1)
-    cache._compact(torch.ones(2, 1, dtype=torch.bool))
+    cache.compact(torch.ones(2, 1, dtype=torch.bool))
     valid = cache.valid[0, 0]
     assert torch.equal(state[0, 0][valid], cache.arrival[0, 0][valid].float())
 

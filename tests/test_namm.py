@@ -177,3 +177,19 @@ def test_bad_namm_files_are_one_line_errors(capsys, tmp_path, checkpoint, conten
                  str(checkpoint)])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_zero_parameter_namm_reproduces_the_full_rollout_exactly(checkpoint):
+    from dtmem.checkpoints import load_model
+    from dtmem.rollout import rollout
+    from dtmem.tasks import resolve_task
+
+    model, payload = load_model(checkpoint)
+    task = resolve_task("hopper")
+    runs = {}
+    for policy in ("full", "namm"):
+        memory = make_policy("namm", 20, 3000, n_up=16) if policy == "namm" else None
+        results, _ = rollout(model, payload["state_mean"], payload["state_std"], task, policy,
+                             episodes=4, slots=2, memory=memory)
+        runs[policy] = [(r.ret, r.length, r.max_tokens) for r in results]
+    assert runs["namm"] == runs["full"]

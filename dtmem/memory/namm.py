@@ -84,6 +84,11 @@ class NAMM(MemoryPolicy):
 
     def _update(self, cache, due):
         L, H, n_up = cache.n_layers, cache.keys.shape[3], self.n_up
+        # Gather the surviving tokens to the front first: the scorer's cost grows with the
+        # square of the span, and evicted positions would only be masked out.
+        which = torch.zeros_like(cache.valid[..., 0])
+        which[:, due] = True
+        cache.compact(which)
         span = int(cache.length[:, due].max())
         rows = self.rows[:, due, :span]  # [L, U, S, H, R]
         signal = torch.cat([self.tail[:, due, :span], rows[..., :n_up]], dim=-1)
