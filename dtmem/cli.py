@@ -116,6 +116,14 @@ def make_parser():
     from dtmem.evolve import EvolveConfig
     add_dataclass_flags(evo, EvolveConfig, skip=("stages",))
 
+    rep = commands.add_parser("report", help="the table of return gains from results files")
+    rep.add_argument("--results", default="results/cells",
+                     help="folder of rollout results files (one per task and policy)")
+    rep.add_argument("--out", default="results", help="where report.{json,csv,md} go")
+    rep.add_argument("--episodes", type=positive, default=50, help="episodes every cell needs")
+    rep.add_argument("--any-checkpoint", action="store_true",
+                     help="accept cells from checkpoints other than the shipped ones")
+
     namm_cmd = commands.add_parser("namm", help="NAMM files")
     namm_commands = namm_cmd.add_subparsers(dest="namm_command", required=True,
                                             parser_class=Parser)
@@ -193,7 +201,7 @@ def load_for_task(checkpoint, task, device):
 
 
 def cmd_rollout(args):
-    from dtmem.files import ensure_writable, provenance, write_json
+    from dtmem.files import ensure_writable, provenance, sha256, write_json
     from dtmem.memory import make_policy
     from dtmem.rollout import results_file, summarize, timed_rollout
     from dtmem.train import pick_device
@@ -232,7 +240,9 @@ def cmd_rollout(args):
         target = task.target_return if args.target_return is None else args.target_return
         write_json(args.json, results_file(
             results, summary, task=task.name, policy=args.policy, checkpoint=str(path),
-            budget=args.budget, ratio=args.ratio, namm=options.get("namm_file"),
+            checkpoint_sha256=sha256(path), budget=args.budget, ratio=args.ratio,
+            namm=options.get("namm_file") and str(options["namm_file"]),
+            namm_sha256=options.get("namm_file") and sha256(options["namm_file"]),
             checkpoint_task=payload["task"], dataset_id=payload["dataset_id"],
             target_return=target, seed=args.seed,
             reference={"min": task.ref_min, "max": task.ref_max, "source": task.ref_source},
@@ -264,6 +274,16 @@ def cmd_evolve(args):
     run.run()
     print(f"{len(run.history)} generations in {run.out}; the CMA-ES mean is latest.pt, the best "
           "evaluated mean best.pt")
+
+
+def cmd_report(args):
+    from dtmem.report import load_cells, markdown, summarise, write_report
+
+    cells = load_cells(args.results, args.episodes, require_shipped=not args.any_checkpoint)
+    rows = summarise(cells, args.episodes)
+    write_report(rows, args.out)
+    print(markdown(rows))
+    print(f"wrote {args.out}/report.json, report.csv and report.md")
 
 
 def namm_default():
@@ -327,6 +347,7 @@ COMMANDS = {
     ("train", None): cmd_train, ("rollout", None): cmd_rollout,
     ("bench", "rollout"): cmd_bench, ("bench", "memory"): cmd_bench,
     ("namm", "import"): cmd_namm_import, ("evolve", None): cmd_evolve,
+    ("report", None): cmd_report,
 }
 
 

@@ -1,6 +1,7 @@
 """Atomic file writes and the provenance every results file and checkpoint carries."""
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -38,6 +39,15 @@ def ensure_writable(path):
     with atomic_path(Path(path).with_name(Path(path).name + ".check")) as tmp:
         tmp.write_text("")
     os.unlink(Path(path).with_name(Path(path).name + ".check"))
+
+
+def sha256(path):
+    """Hex digest of a file: results name the exact checkpoint and NAMM they came from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path, obj):

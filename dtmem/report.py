@@ -1,0 +1,109 @@
+"""`dtmem report`: the table of return gains from rollout results files (`--json`).
+
+Each results file is one cell: a task, a memory policy (and budget), every episode with
+its env seed. The report refuses cells it cannot trust instead of averaging them: fewer
+episodes than asked, missing or mismatched seeds (gains are paired by seed), or a
+checkpoint other than the task's shipped one.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dtmem.checkpoints import SHIPPED_DIR
+from dtmem.errors import UserError
+from dtmem.files import atomic_path, provenance, sha256, write_json
+from dtmem.stats import bootstrap_ci
+
+BASE = "recompute"  # the field's standard evaluation: gains are measured against it
+
+
+def cell_name(cell):
+    budget = cell.get("budget") or cell.get("ratio")
+    return cell["policy"] + (f"@{budget}" if budget is not None else "")
+
+
+def load_cells(folder, episodes, require_shipped=True):
+    """{task: {cell name: results}} from every *.json below folder, checked."""
+    cells = {}
+    paths = sorted(Path(folder).rglob("*.json"))
+    if not paths:
+        raise UserError(f"no results files in {folder}; make them with `dtmem rollout --json`")
+    for path in paths:
+        try:
+            cell = json.loads(path.read_text())
+            task, name = cell["task"], cell_name(cell)
+            seeds = [e["seed"] for e in cell["episodes"]]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path} is not a dtmem rollout results file") from None
+        if len(seeds) < episodes:
+            raise UserError(f"{path}: {len(seeds)} episodes, fewer than the {episodes} asked; "
+                            "rerun the cell")
+        if seeds != list(range(cell["seed"], cell["seed"] + len(seeds))):
+            raise UserError(f"{path}: episode seeds are not {cell['seed']}..; rerun the cell")
+        shipped = SHIPPED_DIR / f"{task}.pt"
+        if require_shipped and (not shipped.exists()
+                                or cell.get("checkpoint_sha256") != sha256(shipped)):
+            raise UserError(f"{path} was not made with the shipped checkpoint of {task}; "
+                            "rerun it (or pass --any-checkpoint)")
+        if name in cells.setdefault(task, {}):
+            raise UserError(f"two results files for {task} {name}: {path} and another")
+        cells[task][name] = cell
+    return cells
+
+
+def summarise(cells, episodes):
+    """Rows: task, cell, score mean and CI, gain over the base with its paired CI, tokens."""
+    rows = []
+    for task, by_name in sorted(cells.items()):
+        if BASE not in by_name:
+            raise UserError(f"{task} has no {BASE} cell, the base of every gain; run it")
+        base = np.array([e["score"] for e in by_name[BASE]["episodes"][:episodes]])
+        full = by_name.get("full")
+        full_tokens = full["summary"]["mean_tokens"] if full else None
+        for name, cell in sorted(by_name.items()):
+            scores = np.array([e["score"] for e in cell["episodes"][:episodes]])
+            if cell["seed"] != by_name[BASE]["seed"]:
+                raise UserError(f"{task} {name} used other env seeds than {BASE}; pairing "
+                                "needs the same seeds")
+            tokens = np.mean([e["mean_tokens"] for e in cell["episodes"][:episodes]])
+            rows.append({
+                "task": task, "cell": name, "episodes": episodes,
+                "score": float(scores.mean()), "score_ci95": list(bootstrap_ci(scores)),
+                "gain": float((scores - base).mean()),
+                "gain_ci95": list(bootstrap_ci(scores - base)),
+                "mean_tokens": float(tokens),
+                "max_tokens": max(e["max_tokens"] for e in cell["episodes"][:episodes]),
+                "tokens_vs_full": None if not full_tokens else float(tokens / full_tokens),
+                "checkpoint_sha256": cell.get("checkpoint_sha256"),
+                "reference": cell.get("reference"), "target_return": cell.get("target_return"),
+            })
+    return rows
+
+
+def markdown(rows):
+    lines = ["| task | policy | score [95% CI] | gain vs recompute [95% CI] | mean tokens "
+             "(x full) | max tokens |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "" if r["tokens_vs_full"] is None else f" ({r['tokens_vs_full']:.2f})"
+        lines.append(
+            f"| {r['task']} | {r['cell']} | {r['score']:.1f} [{r['score_ci95'][0]:.1f}, "
+            f"{r['score_ci95'][1]:.1f}] | {r['gain']:+.1f} [{r['gain_ci95'][0]:+.1f}, "
+            f"{r['gain_ci95'][1]:+.1f}] | {r['mean_tokens']:.0f}{ratio} | {r['max_tokens']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rows, out):
+    out = Path(out)
+    write_json(out / "report.json", {"provenance": provenance(), "rows": rows})
+    with atomic_path(out / "report.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            fields = ["task", "cell", "episodes", "score", "gain", "mean_tokens", "max_tokens",
+                      "tokens_vs_full"]
+            writer = csv.DictWriter(f, fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(markdown(rows))
