@@ -76,7 +76,12 @@ def test_suite_in_miniature(suite):
         module.stage_dts(t, cfg, tmp / "runs")
         shipped = read_checkpoint(tmp / "ckpt" / f"{t.name}.pt")
         assert shipped["steps"] == 6 and shipped["training_state"] is None
-    module.stage_results(walker, cfg, tmp / "results" / "suite.json")
+    readme = tmp / "README.md"
+    readme.write_text("intro\n<!-- suite-table -->\nold\n<!-- /suite-table -->\nrest\n")
+    module.stage_results(walker, cfg, tmp / "results" / "suite.json", readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("<!-- /suite-table -->\nrest\n")
+    assert "old" not in text and text.count("| walker2d-") == 2
     results = json.loads((tmp / "results" / "suite.json").read_text())
     assert set(results["tasks"]) == {"walker2d-medium", "walker2d-expert"}
     for row in results["tasks"].values():
