@@ -345,7 +345,7 @@ def cmd_bench(args):
 COMMANDS = {
     ("data", "list"): cmd_data_list, ("data", "build"): cmd_data_build,
     ("train", None): cmd_train, ("rollout", None): cmd_rollout,
-    ("bench", "rollout"): cmd_bench, ("bench", "memory"): cmd_bench,
+    ("bench", "rollout"): cmd_bench, ("bench", "memory"): cmd_bench, ("bench", "evolve"): cmd_bench,
     ("namm", "import"): cmd_namm_import, ("evolve", None): cmd_evolve,
     ("report", None): cmd_report,
 }

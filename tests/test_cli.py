@@ -168,3 +168,21 @@ def test_download_failure_offline_gives_the_build_command(capsys, hopper_dataset
     code, _, err = run(capsys, "train", "--env", "ant", "--steps", "5", "--download")
     assert one_line_error(code, err)
     assert "could not download mujoco/ant/medium-v0" in err and "dtmem data build" in err
+
+
+def test_every_command_of_the_parser_has_a_handler():
+    import argparse
+
+    from dtmem.cli import COMMANDS, make_parser
+
+    def subcommands(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action.choices
+        return {}
+
+    pairs = set()
+    for name, sub in subcommands(make_parser()).items():
+        nested = subcommands(sub)
+        pairs |= {(name, n) for n in nested} if nested else {(name, None)}
+    assert pairs == set(COMMANDS)
