@@ -92,10 +92,14 @@ def print_bench(rows, cache_bytes):
 
 
 def print_memory_bench(rows):
-    full = {slots: wall for policy, slots, _, wall, _, _ in rows if policy == "full"}
-    print(f"{'policy':10} {'slots':>5} {'steps/s':>9} {'time / full':>12} {'peak MiB':>9}")
+    # Per env step: policies change how long episodes last, so whole-run times would mix
+    # the cost of a policy with the length of the episodes it produces.
+    full = {slots: wall / steps for policy, slots, steps, wall, _, _ in rows if policy == "full"}
+    print(f"{'policy':10} {'slots':>5} {'steps/s':>9} {'time per step / full':>21} "
+          f"{'peak MiB':>9}")
     for policy, slots, steps, wall, _, peak in rows:
-        print(f"{policy:10} {slots:5d} {steps / wall:9.0f} {wall / full[slots]:12.2f} {peak:9.0f}")
+        print(f"{policy:10} {slots:5d} {steps / wall:9.0f} "
+              f"{wall / steps / full[slots]:21.2f} {peak:9.0f}")
 
 
 def cache_bytes(model, slots, tokens):
