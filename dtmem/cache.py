@@ -126,12 +126,16 @@ class KVCache:
         """Gather the valid tokens of the (layer, slot) pairs in which [L, E] to the front."""
         L, E, C = self.valid.shape
         layer, slot = which.nonzero(as_tuple=True)
-        order = torch.argsort((~self.valid[layer, slot]).to(torch.int8), dim=-1, stable=True)
+        if len(layer) == 0:
+            return
+        span = int(self.length[layer, slot].max())  # nothing was written beyond it
+        order = torch.argsort((~self.valid[layer, slot, :span]).to(torch.int8), dim=-1,
+                              stable=True)
         # Whole (H, D) rows move at once through a flat [L * E * C] view: index_select
         # copies contiguous rows, far faster than an elementwise gather.
         base = ((layer * E + slot) * C)[:, None]
         source = (base + order).reshape(-1)
-        target = (base + torch.arange(C, device=base.device)).reshape(-1)
+        target = (base + torch.arange(span, device=base.device)).reshape(-1)
         for table in (self.keys, self.values, *self.token_state.values()):
             rows = table.view(L * E * C, -1)
             rows.index_copy_(0, target, rows.index_select(0, source))

@@ -71,12 +71,11 @@ class NAMM(MemoryPolicy):
         # A valid query's row sums to 1; rows of missing tokens were zeroed by the model.
         valid_query = attention[0][:, 0].sum(-1) > 0.5  # [E, n_new]
         row = self.pending[:, None] + valid_query.long().cumsum(-1) - 1
+        slot, query = valid_query.nonzero(as_tuple=True)  # [M] each
         for layer, probs in enumerate(attention):  # [E, H, n_new, span]
             span = probs.shape[-1]
-            for i in range(probs.shape[2]):
-                slots = valid_query[:, i].nonzero().squeeze(1)
-                self.rows[layer, slots, :span, :, row[slots, i]] = (
-                    probs[slots, :, i, :].transpose(1, 2))
+            self.rows[layer, slot, :span, :, row[slot, query]] = (
+                probs[slot, :, query].transpose(1, 2))  # [M, span, H]
         self.pending += valid_query.sum(-1)
         due = (self.pending >= self.n_up).nonzero().squeeze(1)
         if len(due):
