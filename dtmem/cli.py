@@ -201,52 +201,40 @@ def load_for_task(checkpoint, task, device):
 
 
 def cmd_rollout(args):
-    from dtmem.files import ensure_writable, provenance, sha256, write_json
-    from dtmem.memory import make_policy
-    from dtmem.rollout import results_file, summarize, timed_rollout
-    from dtmem.train import pick_device
-
     import torch
+
+    from dtmem.files import ensure_writable, write_json
+    from dtmem.memory import make_policy
+    from dtmem.rollout import rollout_cell
+    from dtmem.train import pick_device
 
     torch.set_num_threads(args.threads)
     task = resolve_task(args.env, args.task)
-    options = {}
+    namm_file = None
     if args.policy.startswith("namm"):
-        options["namm_file"] = args.namm or namm_default()
+        namm_file = args.namm or namm_default()
     elif args.namm:
         raise UserError("--namm goes with --policy namm or namm-mlp")
     if args.policy != "recompute":
         # Fail on a bad policy, budget or NAMM file before any work.
-        memory = make_policy(args.policy, 20, 3 * task.max_episode_steps, args.budget,
-                             args.ratio, **options)
+        make_policy(args.policy, 20, 3 * task.max_episode_steps, args.budget, args.ratio,
+                    **({"namm_file": namm_file} if namm_file else {}))
     elif args.budget is not None or args.ratio is not None:
         raise UserError("policy 'recompute' takes no --budget or --ratio")
     if args.json:
         ensure_writable(args.json)
     model, payload, path = load_for_task(args.checkpoint, task, pick_device(args.device))
-    results, _, wall = timed_rollout(model, payload["state_mean"], payload["state_std"], task,
-                                     args.policy, args.episodes, args.slots, args.seed,
-                                     args.target_return, progress=True, budget=args.budget,
-                                     ratio=args.ratio,
-                                     memory=memory if options else None)
-    summary = summarize(results)
+    cell = rollout_cell(model, payload, path, task, args.policy, args.episodes, args.seed,
+                        args.slots, args.target_return, args.budget, args.ratio, namm_file)
+    summary = cell["summary"]
     lo, hi = summary["score_ci95"]
     print(f"{task.name} {args.policy}: normalised score {summary['mean_score']:.1f} "
           f"(95% CI {lo:.1f}..{hi:.1f}), return {summary['mean_return']:.1f}, length "
           f"{summary['mean_length']:.0f}, tokens mean {summary['mean_tokens']:.0f} max "
-          f"{summary['max_tokens']} over {len(results)} episodes "
+          f"{summary['max_tokens']} over {summary['episodes']} episodes "
           f"(refs {task.ref_source}: {task.ref_min:g}..{task.ref_max:g})")
     if args.json:
-        target = task.target_return if args.target_return is None else args.target_return
-        write_json(args.json, results_file(
-            results, summary, task=task.name, policy=args.policy, checkpoint=str(path),
-            checkpoint_sha256=sha256(path), budget=args.budget, ratio=args.ratio,
-            namm=options.get("namm_file") and str(options["namm_file"]),
-            namm_sha256=options.get("namm_file") and sha256(options["namm_file"]),
-            checkpoint_task=payload["task"], dataset_id=payload["dataset_id"],
-            target_return=target, seed=args.seed,
-            reference={"min": task.ref_min, "max": task.ref_max, "source": task.ref_source},
-            provenance=provenance(wall_seconds=round(wall, 2))))
+        write_json(args.json, cell)
         print(f"wrote {args.json}")
 
 

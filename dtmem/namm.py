@@ -128,7 +128,8 @@ def standardise(values, stats):
     return (values - mean) / torch.clamp_min(torch.sqrt(var), 1e-7)
 
 
-SHIPPED = Path(__file__).resolve().parent.parent / "data" / "namm" / "default.pt"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "namm"
+SHIPPED = SHIPPED_DIR / "default.pt"  # the zero-shot NAMM behind `--policy namm`
 
 
 def save_namm(path, scorer, params, stats, n_up, meta):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dtmem.files import provenance, sha256
 from dtmem.memory import make_policy
 from dtmem.model import DecisionTransformer
 from dtmem.stats import bootstrap_ci
@@ -177,6 +178,33 @@ def summarize(results):
 
 def results_file(results, summary, **context):
     return {**context, "summary": summary, "episodes": [asdict(r) for r in results]}
+
+
+def rollout_cell(model, payload, checkpoint, task: Task, policy, episodes, seed=0, slots=None,
+                 target_return=None, budget=None, ratio=None, namm_file=None, progress=True,
+                 label=None):
+    """One results file (a cell of the experiment, `dtmem rollout --json`): every episode
+    with its env seed, the summary, and what made them (checkpoint and NAMM hashes,
+    references, target return, provenance). label names the cell in reports when the
+    policy and budget alone do not (e.g. a zero-shot and a local NAMM)."""
+    memory = None
+    if namm_file is not None:
+        memory = make_policy(policy, model.cfg.context_steps, 3 * task.max_episode_steps,
+                             budget, ratio, namm_file=namm_file)
+    results, _, wall = timed_rollout(model, payload["state_mean"], payload["state_std"], task,
+                                     policy, episodes, slots, seed, target_return,
+                                     progress=progress, budget=budget, ratio=ratio,
+                                     memory=memory)
+    return results_file(
+        results, summarize(results), task=task.name, policy=policy, label=label,
+        checkpoint=str(checkpoint), checkpoint_sha256=sha256(checkpoint), budget=budget,
+        ratio=ratio, namm=namm_file and str(namm_file),
+        namm_sha256=namm_file and sha256(namm_file), checkpoint_task=payload["task"],
+        dataset_id=payload["dataset_id"],
+        checkpoint_steps=payload["steps"], target_return=task.target_return if target_return is None else target_return,
+        seed=seed, reference={"min": task.ref_min, "max": task.ref_max,
+                              "source": task.ref_source},
+        provenance=provenance(wall_seconds=round(wall, 2)))
 
 
 def timed_rollout(*args, **kwargs):

@@ -1,0 +1,72 @@
+"""The experiment runner in miniature: every cell of a task, resume, report, plots."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dtmem import checkpoints, evolve, experiment, namm, report
+from dtmem.cli import main
+from dtmem.errors import UserError
+from dtmem.experiment import ExperimentConfig
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch, checkpoint):
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    shutil.copy(checkpoint, shipped / "hopper-medium.pt")
+    for module in (checkpoints, evolve, experiment, report):
+        monkeypatch.setattr(module, "SHIPPED_DIR", shipped)
+    namms = tmp_path / "namm"
+    generator = torch.Generator().manual_seed(0)
+    stats = (torch.zeros(namm.N_BINS), torch.ones(namm.N_BINS), 1)
+    for name, scorer in (("default", "bam"), ("default-mlp", "mlp")):
+        params = 0.1 * torch.randn(namm.SCORERS[scorer][1], generator=generator)
+        namm.save_namm(namms / f"{name}.pt", scorer, params, stats, 16, {})
+    return ExperimentConfig(tasks="hopper-medium", episodes=3, fixed_budget=30,
+                            heuristics="h2o,random", slots=3, out=str(tmp_path / "results"),
+                            namm_dir=str(namms))
+
+
+def test_experiment_runs_every_cell_resumes_and_reports(setup, tmp_path, capsys):
+    cfg = setup
+    experiment.run(cfg)
+    folder = tmp_path / "results" / "cells" / "hopper-medium"
+    cells = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
+    matched = round(cells["namm"]["summary"]["mean_tokens"])
+    assert set(cells) == {"recompute", "window", "full", "namm", "namm-mlp", f"h2o@{matched}",
+                          "h2o@30", f"random@{matched}", "random@30"}
+    assert all(c["seed"] == 0 and len(c["episodes"]) == 3 for c in cells.values())
+    assert cells[f"h2o@{matched}"]["summary"]["max_tokens"] <= matched + 3
+
+    before = {p: p.stat().st_mtime_ns for p in folder.glob("*.json")}
+    (folder / "h2o@30.json").unlink()
+    experiment.run(cfg)  # resumes: only the missing cell runs again
+    after = {p: p.stat().st_mtime_ns for p in folder.glob("*.json")}
+    assert {p for p in after if after[p] != before.get(p)} == {folder / "h2o@30.json"}
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- gains-table -->\nold\n<!-- /gains-table -->\nend\n")
+    evolve_log = tmp_path / "evolved"
+    assert main(["evolve", "--tasks", "hopper-medium", "--generations", "2", "--population",
+                 "4", "--episodes", "1", "--n-up", "16", "--eval-mean-every", "1",
+                 "--mean-episodes", "1", "--out", str(evolve_log)]) == 0
+    shutil.copy(evolve_log / "log.csv", tmp_path / "namm" / "hopper-medium-log.csv")
+    experiment.report(cfg, readme)
+    out = tmp_path / "results"
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert {r["cell"] for r in rows} == set(cells)
+    text = readme.read_text()
+    assert "| hopper-medium | namm-mlp |" in text and "old" not in text and text.endswith("end\n")
+    assert "DT of" in text and "references" in text
+    for png in ("pareto.png", "namm-kept-hopper-medium.png", "evolution.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_experiment_refuses_bad_config(setup):
+    for bad in ({"heuristics": "namm"}, {"heuristics": "window"}, {"tasks": "hopper-expert"},
+                {"namm_dir": "/nonexistent"}):
+        with pytest.raises(UserError):
+            experiment.experiment_tasks(ExperimentConfig(**{**setup.__dict__, **bad}))
