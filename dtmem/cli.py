@@ -28,7 +28,8 @@ def field_docs(cls):
 
 
 def add_dataclass_flags(parser, cls, skip=()):
-    docs = field_docs(cls)
+    # argparse expands % in help strings; a docstring's "25%" must stay literal.
+    docs = {name: doc.replace("%", "%%") for name, doc in field_docs(cls).items()}
     for f in fields(cls):
         if f.name in skip:
             continue
@@ -53,6 +54,28 @@ def add_threads_flag(parser):
                         help="CPU threads for torch (default 1, fastest for rollouts)")
 
 
+def add_preset_flag(parser, command, preset_parsers):
+    from dtmem.presets import PRESETS
+
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="named defaults, e.g. lab (docs/lab/); explicit flags still win")
+    parser.set_defaults(preset_command=command)
+    preset_parsers[command] = parser
+
+
+def parse_with_preset(parser, argv, preset_parsers):
+    """With --preset, parse twice: the preset's defaults go onto its command's parser
+    first, so that flags given explicitly still win."""
+    from dtmem.presets import preset_defaults
+
+    args = parser.parse_args(argv)
+    if getattr(args, "preset", None):
+        target = preset_parsers[args.preset_command]
+        target.set_defaults(**preset_defaults(args.preset, args.preset_command))
+        args = parser.parse_args(argv)
+    return args
+
+
 def positive(text):
     value = int(text)
     if value <= 0:
@@ -64,6 +87,7 @@ def make_parser():
     from dtmem.train import TrainConfig
 
     parser = Parser(prog="dtmem", description="Memory policies for Decision Transformers.")
+    parser.preset_parsers = {}
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     data = commands.add_parser("data", help="list or build Minari datasets")
@@ -77,6 +101,7 @@ def make_parser():
     build.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i")
     build.add_argument("--envs", type=positive, default=16, help="envs stepped in lockstep")
     build.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    add_preset_flag(build, "data build", parser.preset_parsers)
 
     train = commands.add_parser("train", help="train a Decision Transformer")
     add_task_flags(train)
@@ -85,10 +110,13 @@ def make_parser():
     train.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")
     train.add_argument("--download", action="store_true", help="download a missing dataset")
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_preset_flag(train, "train", parser.preset_parsers)
 
     roll = commands.add_parser("rollout", help="run a trained DT with a memory policy")
     add_task_flags(roll)
     roll.add_argument("--policy", default="recompute", help="memory policy (default recompute)")
+    roll.add_argument("--policy-file", help="a Python file that registers more policies "
+                      "(see docs/lab/recent_states.py)")
     roll.add_argument("--budget", type=int, help="tokens kept per layer (policies with a budget; "
                       "default 3K = 60)")
     roll.add_argument("--ratio", type=float, help="or: fraction of the episode's tokens kept")
@@ -102,6 +130,7 @@ def make_parser():
     roll.add_argument("--json", help="write a results file with provenance here")
     roll.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_threads_flag(roll)
+    add_preset_flag(roll, "rollout", parser.preset_parsers)
 
     evo = commands.add_parser("evolve", help="evolve a NAMM with CMA-ES (also scripts/evolve.py)")
     evo.add_argument("--tasks", help="comma-separated tasks of the first stage")
@@ -115,6 +144,7 @@ def make_parser():
     add_threads_flag(evo)
     from dtmem.evolve import EvolveConfig
     add_dataclass_flags(evo, EvolveConfig, skip=("stages",))
+    add_preset_flag(evo, "evolve", parser.preset_parsers)
 
     rep = commands.add_parser("report", help="the table of return gains from results files")
     rep.add_argument("--results", default="results/cells",
@@ -123,6 +153,7 @@ def make_parser():
     rep.add_argument("--episodes", type=positive, default=50, help="episodes every cell needs")
     rep.add_argument("--any-checkpoint", action="store_true",
                      help="accept cells from checkpoints other than the shipped ones")
+    add_preset_flag(rep, "report", parser.preset_parsers)
 
     namm_cmd = commands.add_parser("namm", help="NAMM files")
     namm_commands = namm_cmd.add_subparsers(dest="namm_command", required=True,
@@ -132,6 +163,12 @@ def make_parser():
     imp.add_argument("--out", required=True, help="the dtmem NAMM file to write")
     imp.add_argument("--n-up", type=positive, default=512,
                      help="tokens between updates (the LLM run used 512)")
+    ins = namm_commands.add_parser("inspect", help="which tokens a NAMM keeps over an episode")
+    ins.add_argument("namm", nargs="?", help="NAMM file (default: the shipped one)")
+    add_task_flags(ins)
+    ins.add_argument("--checkpoint", help="default: the shipped data/checkpoints/<task>.pt")
+    ins.add_argument("--seed", type=int, default=0, help="env seed of the episode")
+    ins.add_argument("--out", help="also draw namm-kept-<task>.png here (needs matplotlib)")
 
     bench = commands.add_parser("bench", help="throughput benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
@@ -204,12 +241,14 @@ def cmd_rollout(args):
     import torch
 
     from dtmem.files import ensure_writable, write_json
-    from dtmem.memory import make_policy
+    from dtmem.memory import load_policy_file, make_policy
     from dtmem.rollout import rollout_cell
     from dtmem.train import pick_device
 
     torch.set_num_threads(args.threads)
     task = resolve_task(args.env, args.task)
+    if args.policy_file:
+        load_policy_file(args.policy_file)
     namm_file = None
     if args.policy.startswith("namm"):
         namm_file = args.namm or namm_default()
@@ -294,6 +333,32 @@ def cmd_namm_import(args):
           f"{stats[2]} samples, n_up {args.n_up}")
 
 
+def cmd_namm_inspect(args):
+    import numpy as np
+
+    from dtmem import plots
+    from dtmem.namm import namm_policy
+
+    task = resolve_task(args.env, args.task)
+    path = args.namm or namm_default()
+    policy = namm_policy(path)
+    model, payload, _ = load_for_task(args.checkpoint, task, "cpu")
+    fractions = plots.kept_tokens(model, payload, task, path, policy, args.seed)
+    print(f"{task.name}, one episode (seed {args.seed}), {path}: fraction of tokens kept")
+    ages = [(0, 5), (5, 20), (20, fractions.shape[-1])]
+    print(f"{'layer':>5} {'kind':>13} " + " ".join(f"{f'age {a}-{b - 1}':>11}" for a, b in ages))
+    for layer in range(fractions.shape[0]):
+        for kind, name in plots.KIND_NAMES.items():
+            cells = [fractions[layer, kind, a:b] for a, b in ages]
+            print(f"{layer:5d} {name:>13} " + " ".join(
+                f"{np.mean(c):11.2f}" if len(c) else f"{'-':>11}" for c in cells))
+    if args.out:
+        png = Path(args.out) / f"namm-kept-{task.name}.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
+        plots.kept_heatmap(fractions, task.name, png)
+        print(f"wrote {png}")
+
+
 def cmd_bench(args):
     import torch
 
@@ -334,14 +399,15 @@ COMMANDS = {
     ("data", "list"): cmd_data_list, ("data", "build"): cmd_data_build,
     ("train", None): cmd_train, ("rollout", None): cmd_rollout,
     ("bench", "rollout"): cmd_bench, ("bench", "memory"): cmd_bench, ("bench", "evolve"): cmd_bench,
-    ("namm", "import"): cmd_namm_import, ("evolve", None): cmd_evolve,
+    ("namm", "import"): cmd_namm_import, ("namm", "inspect"): cmd_namm_inspect, ("evolve", None): cmd_evolve,
     ("report", None): cmd_report,
 }
 
 
 def main(argv=None):
     try:
-        args = make_parser().parse_args(argv)
+        parser = make_parser()
+        args = parse_with_preset(parser, argv, parser.preset_parsers)
     except SystemExit as e:  # argparse's own usage errors (already one line) and --help
         return e.code
     sub = getattr(args, f"{args.command}_command", None)

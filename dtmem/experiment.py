@@ -6,8 +6,8 @@ Per task, in this order (the matched budgets need the NAMM's cache size first):
   namm        the zero-shot NAMM (<namm_dir>/default.pt, by default the shipped one);
   namm-local  the NAMM evolved on this very task (<namm_dir>/<task>.pt), where present;
   namm-mlp    the MLP NAMM (<namm_dir>/default-mlp.pt), on the tasks of mlp_tasks;
-  every heuristic at the zero-shot NAMM's mean cache size on this task (matched budget)
-  and at fixed_budget tokens.
+  every heuristic at each of `budgets`: token counts, and `matched`, the zero-shot NAMM's
+  own mean cache size on this task.
 Every cell meets the same env seeds (seed .. seed + episodes - 1), so gains pair by
 seed. A cell whose results file already holds enough episodes of the same checkpoint
 and NAMM is kept, so an interrupted run resumes where it stopped.
@@ -36,8 +36,9 @@ class ExperimentConfig:
     """comma-separated tasks (default: every task with a shipped DT)"""
     episodes: int = 50
     """episodes per cell (the report refuses cells with fewer)"""
-    fixed_budget: int = 60
-    """the heuristics' fixed token budget (60 = 20 DT steps, the DT's own context)"""
+    budgets: str = "matched,60"
+    """heuristics' token budgets: numbers, or matched (the NAMM's mean cache size); 60 =
+    20 DT steps, the DT's own context"""
     heuristics: str = "streaming,h2o,l2,random"
     """comma-separated budgeted policies run at the matched and the fixed budget"""
     mlp_tasks: str = "hopper-medium,halfcheetah-medium"
@@ -61,6 +62,9 @@ def experiment_tasks(cfg: ExperimentConfig):
     if missing:
         raise UserError(f"no shipped DT for {', '.join(missing)}; train it with "
                         "scripts/build_suite.py --stages dts")
+    for budget in cfg.budgets.split(","):
+        if budget != "matched" and not (budget.isdigit() and int(budget) >= 3):
+            raise UserError(f"--budgets: {budget!r} is neither a token count >= 3 nor matched")
     for name in cfg.heuristics.split(","):
         if name not in POLICIES or not POLICIES[name].takes_budget or name.startswith("namm"):
             raise UserError(f"--heuristics: {name!r} is not a budgeted heuristic policy")
@@ -113,8 +117,8 @@ def run_task(task, cfg: ExperimentConfig, progress=True):
 
     for label, policy, namm_file in planned_cells(task, cfg):
         cell(label, policy, namm_file)
-    matched = round(done["namm"]["summary"]["mean_tokens"])
-    budgets = sorted({max(3, matched), cfg.fixed_budget})
+    matched = max(3, round(done["namm"]["summary"]["mean_tokens"]))
+    budgets = sorted({matched if b == "matched" else int(b) for b in cfg.budgets.split(",")})
     for name in cfg.heuristics.split(","):
         for budget in budgets:
             cell(f"{name}@{budget}", name, budget=budget)
@@ -137,8 +141,8 @@ def report(cfg: ExperimentConfig, readme=None, plots=True):
     table = markdown(rows)
     print(table)
     if readme is not None:
-        embed_in_readme(readme, "gains-table", table, "python scripts/run_experiment.py",
-                        "results/report.json")
+        embed_in_readme(readme, "gains-table", table,
+                        "python scripts/run_experiment.py --update-readme", "results/report.json")
     if plots:
         from dtmem import plots as figures
 

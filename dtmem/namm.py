@@ -154,13 +154,23 @@ def _safe_load(path, what):
                         f"({type(e).__name__}); nothing from it was run") from None
 
 
-def load_namm(path, scorer):
-    """(params [P], stats, n_up, meta) from a dtmem NAMM file made for `scorer`."""
+def _load_payload(path):
     payload = _safe_load(path, "NAMM file")
-    n_params = SCORERS[scorer][1]
     if not isinstance(payload, dict) or payload.get("format") != "dtmem-namm-1":
         raise UserError(f"{path} is not a dtmem NAMM file; import an original checkpoint "
                         "with `dtmem namm import`")
+    return payload
+
+
+def namm_policy(path):
+    """The memory policy that runs a NAMM file: namm (BAM) or namm-mlp."""
+    return "namm" if _load_payload(path)["scorer"] == "bam" else "namm-mlp"
+
+
+def load_namm(path, scorer):
+    """(params [P], stats, n_up, meta) from a dtmem NAMM file made for `scorer`."""
+    payload = _load_payload(path)
+    n_params = SCORERS[scorer][1]
     params = payload["params"]
     if payload["scorer"] != scorer or params.shape != (n_params,):
         raise UserError(f"{path} holds a {payload['scorer']} NAMM of {params.numel()} "

@@ -1,18 +1,20 @@
 """Run the experiment behind the table of return gains, then write the report.
 
-    python scripts/run_experiment.py                              # every shipped task
+    python scripts/run_experiment.py --update-readme              # every shipped task
     python scripts/run_experiment.py --tasks hopper-medium        # one task (resumable)
     python scripts/run_experiment.py --report-only                # re-make report and plots
 
 Cells (see dtmem/experiment.py) go to results/cells/<task>/; finished cells are kept, so
 an interrupted run resumes. Then `dtmem report` over every cell present writes
-results/report.{json,csv,md}, the plots (with the `plots` extra), and the README table.
+results/report.{json,csv,md}, the plots (with the `plots` extra) and, with
+--update-readme, the README's table.
 """
 
 import argparse
 import sys
+from dataclasses import fields
 
-from dtmem.cli import add_dataclass_flags
+from dtmem.cli import add_dataclass_flags, add_preset_flag, parse_with_preset
 from dtmem.errors import UserError
 from dtmem.experiment import ExperimentConfig, report, run
 from dtmem.tasks import ROOT
@@ -25,13 +27,17 @@ def main(argv=None):
     parser.add_argument("--report-only", action="store_true",
                         help="skip the rollouts; report the cells already present")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
-    args = parser.parse_args(argv)
-    cfg = ExperimentConfig(**{k: v for k, v in vars(args).items()
-                              if k not in ("report_only", "no_plots")})
+    parser.add_argument("--update-readme", action="store_true",
+                        help="put the table into README.md (for the committed results/)")
+    presets = {}
+    add_preset_flag(parser, "experiment", presets)
+    args = parse_with_preset(parser, argv, presets)
+    cfg = ExperimentConfig(**{f.name: getattr(args, f.name) for f in fields(ExperimentConfig)})
     try:
         if not args.report_only:
             run(cfg)
-        report(cfg, ROOT / "README.md", plots=not args.no_plots)
+        report(cfg, ROOT / "README.md" if args.update_readme else None,
+               plots=not args.no_plots)
     except UserError as e:
         print(f"run_experiment.py: error: {e}", file=sys.stderr)
         return 2

@@ -186,3 +186,21 @@ def test_every_command_of_the_parser_has_a_handler():
         nested = subcommands(sub)
         pairs |= {(name, n) for n in nested} if nested else {(name, None)}
     assert pairs == set(COMMANDS)
+    for pair in pairs:  # and its --help prints (argparse chokes on a stray % in help text)
+        with pytest.raises(SystemExit) as exit_:
+            make_parser().parse_args([p for p in pair if p] + ["--help"])
+        assert exit_.value.code == 0
+
+
+def test_preset_sets_defaults_and_explicit_flags_win():
+    from dtmem.cli import make_parser, parse_with_preset
+    from dtmem.presets import PRESETS
+
+    parser = make_parser()
+    args = parse_with_preset(parser, ["train", "--preset", "lab"], parser.preset_parsers)
+    assert args.steps == PRESETS["lab"]["train"]["steps"]
+    parser = make_parser()
+    args = parse_with_preset(parser, ["train", "--preset", "lab", "--steps", "7"],
+                             parser.preset_parsers)
+    assert args.steps == 7 and args.n_embd == PRESETS["lab"]["train"]["n_embd"]
+    assert main(["train", "--preset", "nope"]) == 2

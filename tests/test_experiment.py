@@ -25,7 +25,7 @@ def setup(tmp_path, monkeypatch, checkpoint):
     for name, scorer in (("default", "bam"), ("default-mlp", "mlp")):
         params = 0.1 * torch.randn(namm.SCORERS[scorer][1], generator=generator)
         namm.save_namm(namms / f"{name}.pt", scorer, params, stats, 16, {})
-    return ExperimentConfig(tasks="hopper-medium", episodes=3, fixed_budget=30,
+    return ExperimentConfig(tasks="hopper-medium", episodes=3, budgets="matched,30",
                             heuristics="h2o,random", slots=3, out=str(tmp_path / "results"),
                             namm_dir=str(namms))
 
@@ -67,6 +67,6 @@ def test_experiment_runs_every_cell_resumes_and_reports(setup, tmp_path, capsys)
 
 def test_experiment_refuses_bad_config(setup):
     for bad in ({"heuristics": "namm"}, {"heuristics": "window"}, {"tasks": "hopper-expert"},
-                {"namm_dir": "/nonexistent"}):
+                {"namm_dir": "/nonexistent"}, {"budgets": "matched,2"}, {"budgets": "x"}):
         with pytest.raises(UserError):
             experiment.experiment_tasks(ExperimentConfig(**{**setup.__dict__, **bad}))

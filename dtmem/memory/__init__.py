@@ -8,7 +8,9 @@ step, the field's standard) is not a cache policy; the rollout engine runs it it
 """
 
 import importlib
+import importlib.util
 import pkgutil
+from pathlib import Path
 
 import torch
 
@@ -107,6 +109,22 @@ def make_policy(name, context_steps, max_tokens, budget=None, ratio=None,
     if ratio is not None and not 0 < ratio <= 1:
         raise UserError(f"--ratio must be in (0, 1], got {ratio}")
     return cls(context_steps, max_tokens, budget=budget, ratio=ratio, **options)
+
+
+def load_policy_file(path):
+    """Run a Python file outside the package that registers policies with @register
+    (a student's or researcher's own policy, without editing dtmem)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"dtmem_user_policy_{path.stem}", path)
+    if not path.is_file() or spec is None:
+        raise UserError(f"policy file {path} does not exist or is not a Python file")
+    before = dict(POLICIES)
+    try:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    except Exception as e:  # the user's own code: report it in one line, with its line number
+        raise UserError(f"policy file {path} failed: {type(e).__name__}: {e}") from None
+    if POLICIES == before:
+        raise UserError(f"{path} registers no new policy; decorate its class with @register")
 
 
 # Import every module of this package so that each policy registers itself.

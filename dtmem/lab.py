@@ -1,0 +1,74 @@
+"""The course lab's runner. The handout (docs/lab/README.md) is the one place the lab's
+commands live: this reads them from its ```bash blocks and runs them part by part, each
+in a fresh process as a student would type it, with `--preset lab` swapped for another
+preset (`tiny` in the test, so the handout cannot silently break)."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dtmem.errors import UserError
+from dtmem.tasks import ROOT
+
+LAB_DIR = ROOT / "docs" / "lab"
+HANDOUT = LAB_DIR / "README.md"
+
+
+def handout_commands(path=HANDOUT):
+    """{part number: [command line, ...]} from the ```bash blocks under '## Part N'."""
+    parts, part, in_block = {}, None, False
+    for line in Path(path).read_text().splitlines():
+        heading = re.match(r"## Part (\d+)", line)
+        if heading:
+            part = int(heading.group(1))
+        elif line.strip() == "```bash":
+            in_block = True
+        elif line.strip() == "```":
+            in_block = False
+        elif in_block and part is not None and line.strip() and not line.startswith("#"):
+            parts.setdefault(part, []).append(line.split("  #")[0].strip())
+    return parts
+
+
+def argv_of(line, preset):
+    """The command as this interpreter runs it, with the lab preset swapped."""
+    argv = shlex.split(line.replace("--preset lab", f"--preset {preset}"))
+    if argv[0] == "dtmem":
+        return [sys.executable, "-m", "dtmem.cli", *argv[1:]]
+    if argv[0] == "python":
+        return [sys.executable, *argv[1:]]
+    raise UserError(f"handout command {line!r} starts with neither dtmem nor python")
+
+
+def run_lab(work, preset="lab", parts=None, handout=HANDOUT, log=None):
+    """Run the handout's parts in folder `work` (datasets in work/minari, as on a new
+    laptop); returns {part: wall seconds}. Each command's output is appended to `log`."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("docs", "scripts"):  # the handout's paths are relative to the repository
+        if not (work / name).exists():
+            (work / name).symlink_to(ROOT / name)
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(work / "minari")}
+    log = Path(log or work / "lab-log.txt")
+    seconds = {}
+    for part, commands in sorted(handout_commands(handout).items()):
+        if parts and part not in parts:
+            continue
+        begin = time.perf_counter()
+        for line in commands:
+            with log.open("a") as out:
+                out.write(f"\n$ {line}\n")
+                out.flush()
+                done = subprocess.run(argv_of(line, preset), cwd=work, env=env, stdout=out,
+                                      stderr=subprocess.STDOUT, check=False)
+            if done.returncode != 0:
+                raise UserError(f"lab part {part}: `{line}` failed (exit {done.returncode}); "
+                                f"see {log}")
+        seconds[part] = time.perf_counter() - begin
+    for name in ("docs", "scripts"):
+        (work / name).unlink()
+    return seconds

@@ -1,0 +1,49 @@
+"""Run the course lab (docs/lab/README.md) as a student would, and commit what it made.
+
+    python scripts/run_lab.py                    # every part, --preset lab
+    python scripts/run_lab.py --parts 1,2
+
+The commands come from the handout itself. Outputs go to docs/lab/expected/ (the
+instructor notes cite them); the measured time of each part goes into the handout's and
+the notes' tables, with the machine it ran on.
+"""
+
+import argparse
+import shutil
+import sys
+
+from dtmem.errors import UserError
+from dtmem.files import provenance, write_json
+from dtmem.lab import HANDOUT, LAB_DIR, run_lab
+from dtmem.report import embed_in_readme
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", help="comma-separated part numbers (default all)")
+    parser.add_argument("--out", default=str(LAB_DIR / "expected"))
+    args = parser.parse_args(argv)
+    parts = [int(p) for p in args.parts.split(",")] if args.parts else None
+    try:
+        seconds = run_lab(args.out, "lab", parts)
+    except UserError as e:
+        print(f"run_lab.py: error: {e}", file=sys.stderr)
+        return 2
+    shutil.rmtree(f"{args.out}/minari", ignore_errors=True)  # the dataset is rebuilt, not shipped
+    info = provenance(preset="lab")
+    write_json(f"{args.out}/times.json", {"seconds": seconds, "provenance": info})
+    machine = info["machine"]
+    table = "| part | minutes |\n|---|---|\n" + "".join(
+        f"| {part} | {s / 60:.1f} |\n" for part, s in sorted(seconds.items()))
+    table += (f"\nOn {machine['cores']} CPU cores ({machine['platform']}), torch "
+              f"{machine['torch']}, commit {info['commit']}.\n")
+    for doc in (HANDOUT, LAB_DIR / "instructor.md"):
+        embed_in_readme(doc, "lab-times", table, "python scripts/run_lab.py",
+                        "docs/lab/expected/times.json")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
