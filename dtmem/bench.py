@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dtmem.memory import POLICIES
+from dtmem.memory.namm import DEFAULT_N_UP
 from dtmem.rollout import timed_rollout
 from dtmem.tasks import Task, make_env
 
@@ -108,7 +109,7 @@ def cache_bytes(model, slots, tokens):
 
 
 def bench_generation(model, state_mean, state_std, task: Task, population=32, episodes=2,
-                     scorer="bam", n_up=48):
+                     scorer="bam", n_up=DEFAULT_N_UP):
     """Wall time of one evolution generation (every member in one batched rollout, members
     drawn as CMA-ES draws its first generation) and the env floor of the same episodes."""
     from dtmem.evolve import _evaluate_task

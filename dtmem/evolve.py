@@ -30,6 +30,7 @@ from dtmem.checkpoints import SHIPPED_DIR, load_model
 from dtmem.errors import UserError
 from dtmem.files import atomic_path, provenance, write_json
 from dtmem.memory import POLICIES
+from dtmem.memory.namm import DEFAULT_N_UP
 from dtmem.rollout import rollout
 from dtmem.tasks import resolve_task
 
@@ -50,7 +51,7 @@ class EvolveConfig:
     """episodes per member per task"""
     scorer: str = "bam"
     """bam or mlp"""
-    n_up: int = 48
+    n_up: int = DEFAULT_N_UP
     """tokens between NAMM updates (a multiple of 16)"""
     seed: int = 0
     """seeds CMA-ES and the env seeds of every generation"""
