@@ -100,7 +100,7 @@ def test_zero_parameters_keep_everything_and_collect_statistics():
 
 
 def test_negative_scores_evict_all_but_the_newest_at_each_update_per_slot():
-    policy = make_policy("namm", 20, 3000)
+    policy = make_policy("namm", 20, 3000, n_up=48)
     params = torch.stack([bias_only(0.0), bias_only(-1.0)])  # slot 0 keeps, slot 1 forgets
     cache, held = decode_steps(policy, steps=40, params=params)
     # n_up = 48 queries: the first update follows step 16 (2 + 15 * 3 + 3 = 50 >= 48).
@@ -111,7 +111,7 @@ def test_negative_scores_evict_all_but_the_newest_at_each_update_per_slot():
 
 
 def test_hard_cap_and_frozen_statistics():
-    policy = make_policy("namm", 20, 3000, budget=10)
+    policy = make_policy("namm", 20, 3000, budget=10, n_up=48)
     policy.collect_stats = False
     before = policy.stats
     cache, held = decode_steps(policy, steps=40)
