@@ -3,6 +3,7 @@
 import argparse
 import ast
 import inspect
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -419,6 +420,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("dtmem: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `dtmem data list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

@@ -93,9 +93,16 @@ def summarise(cells, episodes):
                 "checkpoint_sha256": cell.get("checkpoint_sha256"),
                 "checkpoint_steps": cell.get("checkpoint_steps"),
                 "dataset_id": cell.get("dataset_id"),
+                "namm_sources": cell.get("namm_sources"),
                 "reference": cell.get("reference"), "target_return": cell.get("target_return"),
             })
     return rows
+
+
+def transfer(task, sources):
+    """How a NAMM relates to the task it runs on: zero-shot unless evolved on it."""
+    where = "evolved on " + ", ".join(sources)
+    return where if task in sources else f"zero-shot ({where})"
 
 
 def markdown(rows):
@@ -117,7 +124,9 @@ def markdown(rows):
         lines.append(f"- {task}: DT of {r['checkpoint_steps']} updates on {r['dataset_id']} "
                      f"({origin}); score 0 = {ref.get('min')}, 100 = {ref.get('max')} "
                      f"({ref.get('source')} references); target return {r['target_return']}; "
-                     f"{r['episodes']} episodes per cell, env seeds paired across cells.")
+                     f"{r['episodes']} episodes per cell, env seeds paired across cells."
+                     + "".join(f" {n['cell']}: {transfer(task, n['namm_sources'])}."
+                               for n in rows if n["task"] == task and n["namm_sources"]))
     return "\n".join(lines) + "\n"
 
 

@@ -199,7 +199,10 @@ def rollout_cell(model, payload, checkpoint, task: Task, policy, episodes, seed=
         results, summarize(results), task=task.name, policy=policy, label=label,
         checkpoint=str(checkpoint), checkpoint_sha256=sha256(checkpoint), budget=budget,
         ratio=ratio, namm=namm_file and str(namm_file),
-        namm_sha256=namm_file and sha256(namm_file), checkpoint_task=payload["task"],
+        namm_sha256=namm_file and sha256(namm_file),
+        namm_sources=memory and sorted({t for stage in memory.meta.get("stages", [])
+                                        for t in stage}),
+        checkpoint_task=payload["task"],
         dataset_id=payload["dataset_id"],
         checkpoint_steps=payload["steps"], target_return=task.target_return if target_return is None else target_return,
         seed=seed, reference={"min": task.ref_min, "max": task.ref_max,

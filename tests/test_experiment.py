@@ -22,9 +22,10 @@ def setup(tmp_path, monkeypatch, checkpoint):
     namms = tmp_path / "namm"
     generator = torch.Generator().manual_seed(0)
     stats = (torch.zeros(namm.N_BINS), torch.ones(namm.N_BINS), 1)
-    for name, scorer in (("default", "bam"), ("default-mlp", "mlp")):
+    for name, scorer, source in (("default", "bam", "hopper-medium"),
+                                 ("default-mlp", "mlp", "walker2d-medium")):
         params = 0.1 * torch.randn(namm.SCORERS[scorer][1], generator=generator)
-        namm.save_namm(namms / f"{name}.pt", scorer, params, stats, 16, {})
+        namm.save_namm(namms / f"{name}.pt", scorer, params, stats, 16, {"stages": [[source]]})
     return ExperimentConfig(tasks="hopper-medium", episodes=3, budgets="matched,30",
                             heuristics="h2o,random", slots=3, out=str(tmp_path / "results"),
                             namm_dir=str(namms))
@@ -61,6 +62,8 @@ def test_experiment_runs_every_cell_resumes_and_reports(setup, tmp_path, capsys)
     text = readme.read_text()
     assert "| hopper-medium | namm-mlp |" in text and "old" not in text and text.endswith("end\n")
     assert "DT of" in text and "references" in text
+    assert "namm: evolved on hopper-medium." in text
+    assert "namm-mlp: zero-shot (evolved on walker2d-medium)." in text
     for png in ("pareto.png", "namm-kept-hopper-medium.png", "evolution.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
