@@ -85,7 +85,7 @@ class KeptTokens:
             age = t - cache.timestep[layer, 0]
             held = cache.valid[layer, 0] & (age <= self.max_age)
             age = age[held]
-            self.kept[layer].index_put_((cache.kind[layer, 0, held], age),
+            self.kept[layer].index_put_((cache.kind[layer, 0, held].cpu(), age.cpu()),
                                         torch.ones(len(age)), accumulate=True)
         self.steps[: min(t, self.max_age) + 1] += 1
 

@@ -6,6 +6,8 @@ import pytest
 from dtmem.behavior import MLPPolicy
 from dtmem.checkpoints import SHIPPED_DIR
 from dtmem.data import POLICIES_DIR, make_behavior
+from dtmem.namm import SHIPPED as SHIPPED_NAMM
+from dtmem.namm import load_namm
 from dtmem.tasks import default_tasks, make_env
 
 POLICY_FILES = sorted(POLICIES_DIR.glob("*.npz"))
@@ -31,5 +33,25 @@ def test_shipped_checkpoint_runs_its_task(capsys, path):
     env = path.stem.split("-")[0]
     quality = path.stem.split("-", 1)[1]
     assert main(["rollout", "--task", f"{env}-{quality}", "--policy", "window",
+                 "--episodes", "1"]) == 0
+    assert "normalised score" in capsys.readouterr().out
+
+
+NAMM_FILES = sorted(SHIPPED_NAMM.parent.glob("*.pt"))
+
+
+def test_the_default_namm_ships():
+    assert SHIPPED_NAMM.exists(), "`dtmem rollout --policy namm` needs data/namm/default.pt"
+
+
+@pytest.mark.parametrize("path", NAMM_FILES, ids=[p.stem for p in NAMM_FILES])
+def test_shipped_namm_declares_its_sources_and_runs(capsys, path):
+    from dtmem.cli import main
+    from dtmem.namm import namm_policy
+
+    policy = namm_policy(path)
+    _, stats, n_up, meta = load_namm(path, "bam" if policy == "namm" else "mlp")
+    assert meta["stages"] and stats[2] > 0 and n_up % 16 == 0
+    assert main(["rollout", "--env", "hopper", "--policy", policy, "--namm", str(path),
                  "--episodes", "1"]) == 0
     assert "normalised score" in capsys.readouterr().out
