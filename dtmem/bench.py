@@ -12,8 +12,9 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 
-from dtmem.memory import POLICIES
+from dtmem.memory import POLICIES, make_policy
 from dtmem.memory.namm import DEFAULT_N_UP
+from dtmem.namm import DEFAULT_FILES, SHIPPED_DIR
 from dtmem.rollout import timed_rollout
 from dtmem.tasks import Task, make_env
 
@@ -49,8 +50,14 @@ def peak_rss_mib():
 
 def _measure(model, state_mean, state_std, task, policy, slots, threads):
     torch.set_num_threads(threads)
+    memory = None
+    if policy in DEFAULT_FILES and (SHIPPED_DIR / DEFAULT_FILES[policy]).exists():
+        # A NAMM's cost depends on how much it keeps: time the shipped one, not the
+        # all-zero network (which keeps everything) used where none ships.
+        memory = make_policy(policy, model.cfg.context_steps, 3 * task.max_episode_steps,
+                             namm_file=SHIPPED_DIR / DEFAULT_FILES[policy])
     results, steps, wall = timed_rollout(model, state_mean, state_std, task, policy,
-                                         episodes=slots, slots=slots, seed=0)
+                                         episodes=slots, slots=slots, seed=0, memory=memory)
     floor = env_floor(task, [r.length for r in results], slots)
     return steps, wall, floor, peak_rss_mib()
 
@@ -101,6 +108,11 @@ def print_memory_bench(rows):
     for policy, slots, steps, wall, _, peak in rows:
         print(f"{policy:10} {slots:5d} {steps / wall:9.0f} "
               f"{wall / steps / full[slots]:21.2f} {peak:9.0f}")
+    for policy, name in DEFAULT_FILES.items():
+        shipped = (SHIPPED_DIR / name).exists()
+        print(f"({policy}: " + (f"the shipped data/namm/{name})" if shipped else
+                                "no NAMM ships, so the all-zero network, which keeps every "
+                                "token: its worst case)"))
 
 
 def cache_bytes(model, slots, tokens):

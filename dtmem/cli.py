@@ -252,7 +252,7 @@ def cmd_rollout(args):
         load_policy_file(args.policy_file)
     namm_file = None
     if args.policy.startswith("namm"):
-        namm_file = args.namm or namm_default()
+        namm_file = args.namm or namm_default(args.policy)
     elif args.namm:
         raise UserError("--namm goes with --policy namm or namm-mlp")
     if args.policy != "recompute":
@@ -314,13 +314,14 @@ def cmd_report(args):
     print(f"wrote {args.out}/report.json, report.csv and report.md")
 
 
-def namm_default():
-    from dtmem.namm import SHIPPED
+def namm_default(policy="namm"):
+    from dtmem.namm import DEFAULT_FILES, SHIPPED_DIR
 
-    if not SHIPPED.exists():
-        raise UserError("no NAMM is shipped yet; evolve one with scripts/evolve.py and pass "
-                        "--namm FILE")
-    return SHIPPED
+    path = SHIPPED_DIR / DEFAULT_FILES[policy]
+    if not path.exists():
+        raise UserError(f"no {policy} NAMM is shipped ({path}); evolve one with "
+                        "scripts/evolve.py and pass --namm FILE")
+    return path
 
 
 def cmd_namm_import(args):

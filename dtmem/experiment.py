@@ -23,6 +23,7 @@ from dtmem.checkpoints import SHIPPED_DIR, load_model
 from dtmem.errors import UserError
 from dtmem.files import sha256, write_json
 from dtmem.memory import POLICIES
+from dtmem.namm import DEFAULT_FILES
 from dtmem.namm import SHIPPED_DIR as NAMM_DIR
 from dtmem.report import embed_in_readme, load_cells, markdown, summarise, write_report
 from dtmem.rollout import rollout_cell
@@ -68,21 +69,22 @@ def experiment_tasks(cfg: ExperimentConfig):
     for name in cfg.heuristics.split(","):
         if name not in POLICIES or not POLICIES[name].takes_budget or name.startswith("namm"):
             raise UserError(f"--heuristics: {name!r} is not a budgeted heuristic policy")
-    if not (Path(cfg.namm_dir) / "default.pt").exists():
-        raise UserError(f"no zero-shot NAMM {cfg.namm_dir}/default.pt; evolve one with "
-                        "scripts/evolve.py or pass --namm-dir")
+    if not (Path(cfg.namm_dir) / DEFAULT_FILES["namm"]).exists():
+        raise UserError(f"no zero-shot NAMM {cfg.namm_dir}/{DEFAULT_FILES['namm']}; evolve "
+                        "one with scripts/evolve.py or pass --namm-dir")
     return tasks
 
 
 def planned_cells(task, cfg: ExperimentConfig):
     """(label, policy, NAMM file) of the cells that need no budget, in running order."""
     folder = Path(cfg.namm_dir)
+    zero_shot, mlp = (folder / DEFAULT_FILES[p] for p in ("namm", "namm-mlp"))
     cells = [("recompute", "recompute", None), ("window", "window", None),
-             ("full", "full", None), ("namm", "namm", folder / "default.pt")]
+             ("full", "full", None), ("namm", "namm", zero_shot)]
     if (folder / f"{task.name}.pt").exists():
         cells.append(("namm-local", "namm", folder / f"{task.name}.pt"))
-    if (folder / "default-mlp.pt").exists() and task.name in cfg.mlp_tasks.split(","):
-        cells.append(("namm-mlp", "namm-mlp", folder / "default-mlp.pt"))
+    if mlp.exists() and task.name in cfg.mlp_tasks.split(","):
+        cells.append(("namm-mlp", "namm-mlp", mlp))
     return cells
 
 
@@ -151,7 +153,7 @@ def report(cfg: ExperimentConfig, readme=None, plots=True):
             task = resolve_task(task=name)
             model, payload = load_model(SHIPPED_DIR / f"{name}.pt")
             fractions = figures.kept_tokens(model, payload, task,
-                                            Path(cfg.namm_dir) / "default.pt")
+                                            Path(cfg.namm_dir) / DEFAULT_FILES["namm"])
             figures.kept_heatmap(fractions, name, out / f"namm-kept-{name}.png")
         logs = figures.evolution_logs(cfg.namm_dir)
         if logs:

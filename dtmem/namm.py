@@ -129,7 +129,9 @@ def standardise(values, stats):
 
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "namm"
-SHIPPED = SHIPPED_DIR / "default.pt"  # the zero-shot NAMM behind `--policy namm`
+# The shipped NAMMs behind `--policy namm` and `--policy namm-mlp`.
+DEFAULT_FILES = {"namm": "default.pt", "namm-mlp": "default-mlp.pt"}
+SHIPPED = SHIPPED_DIR / DEFAULT_FILES["namm"]
 
 
 def save_namm(path, scorer, params, stats, n_up, meta):
