@@ -44,6 +44,11 @@ def argv_of(line, preset):
     raise UserError(f"handout command {line!r} starts with neither dtmem nor python")
 
 
+def as_on_screen(output):
+    """What a terminal shows of the output: a progress bar's last state, not every redraw."""
+    return "".join(line.rsplit("\r", 1)[-1] + "\n" for line in output.rstrip("\n").split("\n"))
+
+
 def run_lab(work, preset="lab", parts=None, handout=HANDOUT, log=None):
     """Run the handout's parts in folder `work` (datasets in work/minari, as on a new
     laptop); returns {part: wall seconds}. Each command's output is appended to `log`."""
@@ -60,11 +65,11 @@ def run_lab(work, preset="lab", parts=None, handout=HANDOUT, log=None):
             continue
         begin = time.perf_counter()
         for line in commands:
+            done = subprocess.run(argv_of(line, preset), cwd=work, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  check=False)
             with log.open("a") as out:
-                out.write(f"\n$ {line}\n")
-                out.flush()
-                done = subprocess.run(argv_of(line, preset), cwd=work, env=env, stdout=out,
-                                      stderr=subprocess.STDOUT, check=False)
+                out.write(f"\n$ {line}\n{as_on_screen(done.stdout)}")
             if done.returncode != 0:
                 raise UserError(f"lab part {part}: `{line}` failed (exit {done.returncode}); "
                                 f"see {log}")

@@ -9,6 +9,7 @@ the notes' tables, with the machine it ran on.
 """
 
 import argparse
+import os
 import shutil
 import sys
 
@@ -36,8 +37,8 @@ def main(argv=None):
     machine = info["machine"]
     table = "| part | minutes |\n|---|---|\n" + "".join(
         f"| {part} | {s / 60:.1f} |\n" for part, s in sorted(seconds.items()))
-    table += (f"\nOn {machine['cores']} CPU cores ({machine['platform']}), torch "
-              f"{machine['torch']}, commit {info['commit']}.\n")
+    table += (f"\nOn {len(os.sched_getaffinity(0))} of the {machine['cores']} CPU cores of "
+              f"{machine['platform']}, torch {machine['torch']}, commit {info['commit']}.\n")
     for doc in (HANDOUT, LAB_DIR / "instructor.md"):
         embed_in_readme(doc, "lab-times", table, "python scripts/run_lab.py",
                         "docs/lab/expected/times.json")
