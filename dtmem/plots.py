@@ -31,7 +31,7 @@ def pyplot():
 def pareto(rows, path):
     """Score [95% CI] against mean cached tokens, one panel per task, one point per cell."""
     plt = pyplot()
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     tasks = sorted({r["task"] for r in rows})
     cols = min(4, len(tasks))
@@ -48,6 +48,7 @@ def pareto(rows, path):
                         xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor log ticks' labels collide
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("mean cached tokens per layer")
         ax.set_ylabel("normalised score")
