@@ -118,3 +118,23 @@ def test_bad_budgets_are_one_line_errors(capsys, argv, needle):
     code = main(["rollout", *argv])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_a_policy_file_registers_a_policy_or_says_what_is_wrong(capsys, tmp_path, checkpoint):
+    from dtmem.cli import main
+
+    from dtmem.lab import LAB_DIR
+
+    lab_policy = ["--policy", "recent-states", "--policy-file", str(LAB_DIR / "recent_states.py")]
+    assert main(["rollout", "--env", "hopper", *lab_policy, "--budget", "9", "--episodes", "1",
+                 "--checkpoint", str(checkpoint)]) == 0
+    assert "recent-states" in capsys.readouterr().out
+    silent = tmp_path / "silent.py"
+    silent.write_text("x = 1\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def oops(:\n")
+    for path, needle in ((tmp_path / "missing.py", "does not exist"),
+                         (silent, "registers no new policy"), (broken, "SyntaxError")):
+        code = main(["rollout", "--env", "hopper", "--policy", "x", "--policy-file", str(path)])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
