@@ -124,6 +124,10 @@ def run_task(task, cfg: ExperimentConfig, progress=True):
     for name in cfg.heuristics.split(","):
         for budget in budgets:
             cell(f"{name}@{budget}", name, budget=budget)
+    stale = sorted(p.stem for p in folder.glob("*.json") if p.stem not in done)
+    if stale:  # e.g. a matched budget of an earlier NAMM: the report would include them
+        print(f"note: {folder} also holds cells this run did not plan: {', '.join(stale)}; "
+              "delete them if they are stale")
     return done
 
 
