@@ -15,17 +15,30 @@ import sys
 
 from dtmem.errors import UserError
 from dtmem.files import provenance, write_json
-from dtmem.lab import HANDOUT, LAB_DIR, run_lab
+from dtmem.lab import HANDOUT, LAB_DIR, handout_commands, run_lab
 from dtmem.report import embed_in_readme
+
+
+def part_numbers(text):
+    known = handout_commands()
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        parts = []
+    if not parts or not set(parts) <= set(known):
+        raise argparse.ArgumentTypeError(f"{text!r}: give part numbers among "
+                                         f"{', '.join(map(str, sorted(known)))}")
+    return parts
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", help="comma-separated part numbers (default all)")
+    parser.add_argument("--parts", type=part_numbers,
+                        help="comma-separated part numbers (default all)")
     parser.add_argument("--out", default=str(LAB_DIR / "expected"))
     args = parser.parse_args(argv)
-    parts = [int(p) for p in args.parts.split(",")] if args.parts else None
+    parts = args.parts
     try:
         seconds = run_lab(args.out, "lab", parts)
     except UserError as e:

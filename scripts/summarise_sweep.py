@@ -15,10 +15,13 @@ from dtmem.files import atomic_path
 
 def main(folder):
     folder = Path(folder)
+    runs = sorted(folder.glob("*.json"), key=lambda p: json.loads(p.read_text())["config"]["n_up"])
+    if not runs:
+        print(f"summarise_sweep.py: error: no run files (*.json) in {folder}", file=sys.stderr)
+        return 2
     lines = ["| run | n_up | population mean, last 5 generations | CMA-ES mean evaluations "
              "| cache tokens, last 5 | wall s |", "|---|---|---|---|---|---|"]
-    for path in sorted(folder.glob("*.json"), key=lambda p: json.loads(p.read_text())[
-            "config"]["n_up"]):
+    for path in runs:
         run = json.loads(path.read_text())
         history = run["history"][-5:]
         evals = [f"g{h['generation']}: {h['mean_eval']:.1f}" for h in run["history"]
@@ -32,7 +35,8 @@ def main(folder):
     with atomic_path(folder / "summary.md") as tmp:
         tmp.write_text(table)
     print(table)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "results/n-up-sweep")
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "results/n-up-sweep"))
