@@ -125,10 +125,10 @@ def bench_generation(model, state_mean, state_std, task: Task, population=32, ep
     """Wall time of one evolution generation (every member in one batched rollout, members
     drawn as CMA-ES draws its first generation) and the env floor of the same episodes."""
     from dtmem.evolve import _evaluate_task
-    from dtmem.namm import SCORERS
+    from dtmem.namm import SCORER_POLICIES, SCORERS
 
     payload = {"state_mean": state_mean, "state_std": state_std}
-    policy = "namm" if scorer == "bam" else "namm-mlp"
+    policy = SCORER_POLICIES[scorer]
     zero = np.zeros((1, SCORERS[scorer][1]))
     _, _, stats = _evaluate_task(task, model, payload, policy, n_up, None, zero, 1, 0)
     members = np.random.default_rng(0).normal(0, 0.065, (population, SCORERS[scorer][1]))

@@ -400,8 +400,9 @@ def cmd_bench(args):
 COMMANDS = {
     ("data", "list"): cmd_data_list, ("data", "build"): cmd_data_build,
     ("train", None): cmd_train, ("rollout", None): cmd_rollout,
-    ("bench", "rollout"): cmd_bench, ("bench", "memory"): cmd_bench, ("bench", "evolve"): cmd_bench,
-    ("namm", "import"): cmd_namm_import, ("namm", "inspect"): cmd_namm_inspect, ("evolve", None): cmd_evolve,
+    ("bench", "rollout"): cmd_bench, ("bench", "memory"): cmd_bench,
+    ("bench", "evolve"): cmd_bench, ("evolve", None): cmd_evolve,
+    ("namm", "import"): cmd_namm_import, ("namm", "inspect"): cmd_namm_inspect,
     ("report", None): cmd_report,
 }
 

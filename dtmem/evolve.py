@@ -77,7 +77,7 @@ class Evolution:
         if cfg.scorer not in namm.SCORERS:
             raise UserError(f"unknown scorer {cfg.scorer!r}; use bam or mlp")
         self.cfg, self.out, self.device, self.workers = cfg, Path(out), device, workers
-        self.policy_name = "namm" if cfg.scorer == "bam" else "namm-mlp"
+        self.policy_name = namm.SCORER_POLICIES[cfg.scorer]
         self.n_params = namm.SCORERS[cfg.scorer][1]
         self.models = {}
         for task_name in sorted({t for stage in cfg.stages for t in stage}):

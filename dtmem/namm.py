@@ -121,6 +121,7 @@ def mlp_scores(params, x, allowed=None):
 
 
 SCORERS = {"bam": (bam_scores, BAM_PARAMS), "mlp": (mlp_scores, MLP_PARAMS)}
+SCORER_POLICIES = {"bam": "namm", "mlp": "namm-mlp"}  # the memory policy running each
 
 
 def standardise(values, stats):
@@ -166,7 +167,7 @@ def _load_payload(path):
 
 def namm_policy(path):
     """The memory policy that runs a NAMM file: namm (BAM) or namm-mlp."""
-    return "namm" if _load_payload(path)["scorer"] == "bam" else "namm-mlp"
+    return SCORER_POLICIES[_load_payload(path)["scorer"]]
 
 
 def load_namm(path, scorer):

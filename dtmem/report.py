@@ -40,7 +40,7 @@ def cell_order(name):
 
 def load_cells(folder, episodes, require_shipped=True):
     """{task: {cell name: results}} from every *.json below folder, checked."""
-    cells = {}
+    cells, shipped_hashes = {}, {}
     paths = sorted(Path(folder).rglob("*.json"))
     if not paths:
         raise UserError(f"no results files in {folder}; make them with `dtmem rollout --json`")
@@ -57,8 +57,10 @@ def load_cells(folder, episodes, require_shipped=True):
         if seeds != list(range(cell["seed"], cell["seed"] + len(seeds))):
             raise UserError(f"{path}: episode seeds are not {cell['seed']}..; rerun the cell")
         shipped = SHIPPED_DIR / f"{task}.pt"
+        if require_shipped and shipped.exists() and task not in shipped_hashes:
+            shipped_hashes[task] = sha256(shipped)  # once per task, not once per cell
         if require_shipped and (not shipped.exists()
-                                or cell.get("checkpoint_sha256") != sha256(shipped)):
+                                or cell.get("checkpoint_sha256") != shipped_hashes[task]):
             raise UserError(f"{path} was not made with the shipped checkpoint of {task}; "
                             "rerun it (or pass --any-checkpoint)")
         if name in cells.setdefault(task, {}):

@@ -202,9 +202,9 @@ def rollout_cell(model, payload, checkpoint, task: Task, policy, episodes, seed=
         namm_sha256=namm_file and sha256(namm_file),
         namm_sources=memory and sorted({t for stage in memory.meta.get("stages", [])
                                         for t in stage}),
-        checkpoint_task=payload["task"],
-        dataset_id=payload["dataset_id"],
-        checkpoint_steps=payload["steps"], target_return=task.target_return if target_return is None else target_return,
+        checkpoint_task=payload["task"], dataset_id=payload["dataset_id"],
+        checkpoint_steps=payload["steps"],
+        target_return=task.target_return if target_return is None else target_return,
         seed=seed, reference={"min": task.ref_min, "max": task.ref_max,
                               "source": task.ref_source},
         provenance=provenance(wall_seconds=round(wall, 2)))

@@ -199,7 +199,7 @@ def stage_results(tasks, cfg: SuiteConfig, out: Path, readme=None):
     print(f"wrote {out} and {out.with_suffix('.md')}")
     if readme is not None:
         embed_in_readme(readme, "suite-table", table, "python scripts/build_suite.py "
-                        f"--stages results", os.path.relpath(out, ROOT))
+                        "--stages results", os.path.relpath(out, ROOT))
 
 
 def suite_table(results, cfg: SuiteConfig):

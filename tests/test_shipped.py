@@ -6,6 +6,7 @@ import pytest
 from dtmem.behavior import MLPPolicy
 from dtmem.checkpoints import SHIPPED_DIR
 from dtmem.data import POLICIES_DIR, make_behavior
+from dtmem.memory import POLICIES
 from dtmem.namm import SHIPPED as SHIPPED_NAMM
 from dtmem.namm import load_namm
 from dtmem.tasks import default_tasks, make_env
@@ -50,7 +51,7 @@ def test_shipped_namm_declares_its_sources_and_runs(capsys, path):
     from dtmem.namm import namm_policy
 
     policy = namm_policy(path)
-    _, stats, n_up, meta = load_namm(path, "bam" if policy == "namm" else "mlp")
+    _, stats, n_up, meta = load_namm(path, POLICIES[policy].scorer)
     assert meta["stages"] and stats[2] > 0 and n_up % 16 == 0
     assert main(["rollout", "--env", "hopper", "--policy", policy, "--namm", str(path),
                  "--episodes", "1"]) == 0
