@@ -86,7 +86,7 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, polic
     for slot in range(E):
         start(slot)
     bar = tqdm(total=episodes, desc=f"{task.name} {policy}", unit="ep", disable=not progress)
-    with torch.no_grad():
+    with torch.inference_mode():  # like no_grad, minus autograd's per-op bookkeeping
         while (episode >= 0).any():
             active_np = episode >= 0
             active = torch.from_numpy(active_np).to(device)
