@@ -1,8 +1,10 @@
 """The KV cache: preallocated keys and values of every layer for E episode slots.
 
 Appending writes in place at each (layer, slot)'s write pointer; evicting only clears
-`valid`; compaction (valid tokens gathered to the front, order kept) runs only when a
-(layer, slot) runs out of room. Layers keep their own validity because memory policies
+`valid`. When a (layer, slot) runs out of room the cache first grows (doubling, up to
+`capacity`; positions stay put), and only at full capacity compacts (valid tokens
+gathered to the front, order kept). Growing keeps short episodes and policies that keep
+few tokens from paying for a whole-episode cache they never fill. Layers keep their own validity because memory policies
 such as NAMM evict per layer, so each layer also has its own write pointer and metadata.
 
 Keys and values are stored [L, E, C, H, D] (position before head) so that the new tokens
@@ -13,13 +15,14 @@ import torch
 
 # Token kinds, in the order a Decision Transformer interleaves them within one timestep.
 RETURN, STATE, ACTION = 0, 1, 2
+INITIAL_TOKENS = 384  # positions allocated per slot before the cache first grows
 
 
 class KVCache:
     def __init__(self, n_layers, n_slots, n_heads, head_dim, capacity, device="cpu",
                  dtype=torch.float32):
-        L, E, H, C, D = n_layers, n_slots, n_heads, capacity, head_dim
-        self.capacity = C
+        L, E, H, C, D = n_layers, n_slots, n_heads, min(capacity, INITIAL_TOKENS), head_dim
+        self.capacity = capacity  # the most positions per slot it may grow to
         self.keys = torch.zeros(L, E, C, H, D, device=device, dtype=dtype)
         self.values = torch.zeros(L, E, C, H, D, device=device, dtype=dtype)
         self.valid = torch.zeros(L, E, C, dtype=torch.bool, device=device)
@@ -34,7 +37,8 @@ class KVCache:
         self.token_state = {}
 
     def add_token_state(self, name, *shape, dtype=torch.float32):
-        """A zero-initialised [L, E, C, *shape] table that follows its tokens."""
+        """A zero-initialised [L, E, C, *shape] table that follows its tokens. Growing
+        replaces it: look it up in `token_state` each time rather than keeping it."""
         L, E, C = self.valid.shape
         self.token_state[name] = torch.zeros(L, E, C, *shape, dtype=dtype,
                                              device=self.valid.device)
@@ -86,10 +90,13 @@ class KVCache:
         pos [L, E, n]; a missing token gets its predecessor's position and is not written.
         """
         n_new = new_valid.sum(-1)  # [E]
-        full = self.length + n_new > self.capacity  # [L, E]
+        needed = int((self.length + n_new).max())
+        if needed > self.valid.shape[2] and self.valid.shape[2] < self.capacity:
+            self._grow(needed)
+        full = self.length + n_new > self.valid.shape[2]  # [L, E]
         if full.any():
             self.compact(full)
-            if (self.length + n_new > self.capacity).any():
+            if (self.length + n_new > self.valid.shape[2]).any():
                 raise RuntimeError(
                     f"KV cache capacity {self.capacity} exhausted: the memory policy keeps "
                     "more tokens than the cache was sized for")
@@ -112,6 +119,20 @@ class KVCache:
         self.n_arrived += n_new
         self._write_index = (in_layer, new_valid)
         return pos
+
+    def _grow(self, needed):
+        """Reallocate every [L, E, C, ...] table with room for at least `needed` positions."""
+        C = self.valid.shape[2]
+        size = min(self.capacity, max(needed, 2 * C))
+
+        def grown(table):
+            bigger = table.new_zeros(table.shape[:2] + (size,) + table.shape[3:])
+            bigger[:, :, :C] = table
+            return bigger
+
+        self.keys, self.values, self.valid, self.timestep, self.kind, self.arrival = map(
+            grown, (self.keys, self.values, self.valid, self.timestep, self.kind, self.arrival))
+        self.token_state = {name: grown(table) for name, table in self.token_state.items()}
 
     def write(self, layer, k, v):
         """Store the new tokens' keys and values [E, H, n, D] of one layer at the positions

@@ -62,8 +62,8 @@ def test_h2o_keeps_the_recent_half_and_the_heaviest_older_tokens():
     policy = make_policy("h2o", 20, 3000, budget=8)
     policy.prepare(cache)
     heavy = [2, 7, 11, 20]
-    policy.received[:, 0, heavy] = torch.tensor([5.0, 4.0, 3.0, 2.0])
-    policy.received[:, 0, 0] = 1.0
+    cache.token_state["h2o_received"][:, 0, heavy] = torch.tensor([5.0, 4.0, 3.0, 2.0])
+    cache.token_state["h2o_received"][:, 0, 0] = 1.0
     policy.after_step(cache, torch.tensor([11]), [torch.zeros(1, 1, 3, 35)] * 2)
     assert kept_arrivals(cache) == heavy + [31, 32, 33, 34]
 

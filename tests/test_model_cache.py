@@ -66,6 +66,25 @@ def test_window_compaction_changes_nothing(model):
     assert (results[0] - results[1]).abs().max() < 1e-6
 
 
+def test_a_growing_cache_matches_one_allocated_whole(model, monkeypatch):
+    """A cache that starts small and grows (token state included) gives the same actions,
+    positions and state as one allocated at full capacity from the start."""
+    rtg, states, actions = episode_inputs(E=2, T=30)
+    caches, outputs = [], []
+    for initial in (90, 8):
+        monkeypatch.setattr("dtmem.cache.INITIAL_TOKENS", initial)
+        policy = make_policy("h2o", context_steps=20, max_tokens=90, ratio=0.5)
+        cache = model.new_cache(2, policy.capacity())
+        policy.prepare(cache)
+        outputs.append(decode_all(model, cache, rtg, states, actions, policy)[0])
+        caches.append(cache)
+    whole, grown = caches
+    assert grown.valid.shape[2] == 90 and grown.capacity == 90
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(whole.valid, grown.valid) and torch.equal(whole.keys, grown.keys)
+    assert torch.equal(whole.token_state["h2o_received"], grown.token_state["h2o_received"])
+
+
 def test_window_keeps_exactly_the_last_k_steps(model):
     rtg, states, actions = episode_inputs(E=1, T=30)
     policy = make_policy("window", context_steps=5, max_tokens=90)

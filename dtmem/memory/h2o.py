@@ -13,11 +13,12 @@ class HeavyHitters(ScoredPolicy):
     needs_attention = True
 
     def prepare(self, cache):
-        self.received = cache.add_token_state("h2o_received")
+        cache.add_token_state("h2o_received")
 
     def after_step(self, cache, timestep, attention):
+        received = cache.token_state["h2o_received"]
         for layer, probs in enumerate(attention):  # [E, H, n_new, span]
-            self.received[layer, :, : probs.shape[-1]] += probs.mean(dim=1).sum(dim=1)
+            received[layer, :, : probs.shape[-1]] += probs.mean(dim=1).sum(dim=1)
         super().after_step(cache, timestep, attention)
 
     def score(self, cache, timestep, attention):
@@ -27,4 +28,4 @@ class HeavyHitters(ScoredPolicy):
             recent = torch.ceil(self.ratio * cache.n_arrived / 2).long()
         is_recent = cache.arrival >= (cache.n_arrived - recent)[None, :, None]
         # Attention received is at most the number of queries: recent tokens outrank it.
-        return self.received + is_recent * cache.max_arrival_bonus()
+        return cache.token_state["h2o_received"] + is_recent * cache.max_arrival_bonus()

@@ -61,9 +61,9 @@ class NAMM(MemoryPolicy):
 
     def prepare(self, cache):
         H = cache.keys.shape[3]
-        self.rows = cache.add_token_state("namm_rows", H, self.n_up + 2)  # pending attention
-        self.tail = cache.add_token_state("namm_tail", H, namm.HOP)  # carried-over samples
-        self.ema = cache.add_token_state("namm_ema", H, namm.N_BINS)
+        cache.add_token_state("namm_rows", H, self.n_up + 2)  # pending attention
+        cache.add_token_state("namm_tail", H, namm.HOP)  # carried-over samples
+        cache.add_token_state("namm_ema", H, namm.N_BINS)
         E = cache.n_slots
         self.pending = torch.zeros(E, dtype=torch.long, device=cache.valid.device)
         self.period_start = torch.zeros_like(self.pending)  # arrival index of its 1st query
@@ -77,9 +77,10 @@ class NAMM(MemoryPolicy):
         valid_query = attention[0][:, 0].sum(-1) > 0.5  # [E, n_new]
         row = self.pending[:, None] + valid_query.long().cumsum(-1) - 1
         slot, query = valid_query.nonzero(as_tuple=True)  # [M] each
+        pending_rows = cache.token_state["namm_rows"]
         for layer, probs in enumerate(attention):  # [E, H, n_new, span]
             span = probs.shape[-1]
-            self.rows[layer, slot, :span, :, row[slot, query]] = (
+            pending_rows[layer, slot, :span, :, row[slot, query]] = (
                 probs[slot, :, query].transpose(1, 2))  # [M, span, H]
         self.pending += valid_query.sum(-1)
         due = (self.pending >= self.n_up).nonzero().squeeze(1)
@@ -88,26 +89,28 @@ class NAMM(MemoryPolicy):
 
     def _update(self, cache, due):
         L, H, n_up = cache.n_layers, cache.keys.shape[3], self.n_up
+        pending_rows, tails, emas = (cache.token_state[f"namm_{name}"]
+                                     for name in ("rows", "tail", "ema"))
         # Gather the surviving tokens to the front first: the scorer's cost grows with the
         # square of the span, and evicted positions would only be masked out.
         which = torch.zeros_like(cache.valid[..., 0])
         which[:, due] = True
         cache.compact(which)
         span = int(cache.length[:, due].max())
-        rows = self.rows[:, due, :span]  # [L, U, S, H, R]
-        signal = torch.cat([self.tail[:, due, :span], rows[..., :n_up]], dim=-1)
+        rows = pending_rows[:, due, :span]  # [L, U, S, H, R]
+        signal = torch.cat([tails[:, due, :span], rows[..., :n_up]], dim=-1)
         frames = namm.spectrogram(signal.reshape(-1, namm.HOP + n_up))
         arrival = cache.arrival[:, due, :span]  # [L, U, S]
         # A token that arrived in this period has no attention before its own query.
         offset = (arrival - self.period_start[due][None, :, None]).clamp(min=0)
         first_frame = (offset // namm.HOP)[..., None].expand(-1, -1, -1, H).reshape(-1)
-        ema = namm.ema_update(self.ema[:, due, :span].reshape(-1, namm.N_BINS), frames,
+        ema = namm.ema_update(emas[:, due, :span].reshape(-1, namm.N_BINS), frames,
                               first_frame).reshape(L, len(due), span, H, namm.N_BINS)
-        self.ema[:, due, :span] = ema
-        self.tail[:, due, :span] = signal[..., -namm.HOP:]
+        emas[:, due, :span] = ema
+        tails[:, due, :span] = signal[..., -namm.HOP:]
         leftover = rows[..., n_up:].clone()
-        self.rows[:, due, :span] = 0
-        self.rows[:, due, :span, :, : leftover.shape[-1]] = leftover
+        pending_rows[:, due, :span] = 0
+        pending_rows[:, due, :span, :, : leftover.shape[-1]] = leftover
         self.pending[due] -= n_up
         self.period_start[due] += n_up
 
