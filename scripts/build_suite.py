@@ -164,8 +164,7 @@ def stage_dts(task, cfg: SuiteConfig, runs: Path):
 
 
 def stage_results(tasks, cfg: SuiteConfig, out: Path, readme=None):
-    # Tasks not rerun keep their rows (each row carries its own provenance).
-    results = json.loads(out.read_text())["tasks"] if out.exists() else {}
+    new_rows = {}
     for task in tasks:
         if not (SHIPPED_DIR / f"{task.name}.pt").exists():
             continue
@@ -189,7 +188,11 @@ def stage_results(tasks, cfg: SuiteConfig, out: Path, readme=None):
                                           progress=True)
             row["policies"][policy] = results_file(runs, summarize(runs),
                                                    wall_seconds=round(wall, 1))
-        results[task.name] = row
+        new_rows[task.name] = row
+    # Tasks not rerun keep their rows (each row carries its own provenance). Read only now,
+    # so that runs for other tasks that finished meanwhile keep theirs too.
+    results = json.loads(out.read_text())["tasks"] if out.exists() else {}
+    results.update(new_rows)
     results = {name: results[name] for name in all_tasks() if name in results}
     write_json(out, {"seeds": "rollouts: episode i uses env seed i", "tasks": results})
     table = suite_table(results, cfg)
