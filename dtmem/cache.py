@@ -1,11 +1,12 @@
-"""The KV cache: preallocated keys and values of every layer for E episode slots.
+"""The KV cache: keys and values of every layer for E episode slots, allocated in bulk.
 
 Appending writes in place at each (layer, slot)'s write pointer; evicting only clears
 `valid`. When a (layer, slot) runs out of room the cache first grows (doubling, up to
 `capacity`; positions stay put), and only at full capacity compacts (valid tokens
 gathered to the front, order kept). Growing keeps short episodes and policies that keep
-few tokens from paying for a whole-episode cache they never fill. Layers keep their own validity because memory policies
-such as NAMM evict per layer, so each layer also has its own write pointer and metadata.
+few tokens from paying for a whole-episode cache they never fill. Layers keep their own
+validity because memory policies such as NAMM evict per layer, so each layer also has its
+own write pointer and metadata.
 
 Keys and values are stored [L, E, C, H, D] (position before head) so that the new tokens
 of a step are written with one index_copy_ into a flat [E * C, H, D] view.
@@ -52,6 +53,11 @@ class KVCache:
     def n_slots(self):
         return self.keys.shape[1]
 
+    @property
+    def allocated(self):
+        """Positions per slot allocated now (at most `capacity`)."""
+        return self.valid.shape[2]
+
     def reset(self, slots):
         """Empty the given slots (a bool mask [E] or index tensor) for new episodes."""
         self.valid[:, slots] = False
@@ -91,12 +97,12 @@ class KVCache:
         """
         n_new = new_valid.sum(-1)  # [E]
         needed = int((self.length + n_new).max())
-        if needed > self.valid.shape[2] and self.valid.shape[2] < self.capacity:
+        if needed > self.allocated and self.allocated < self.capacity:
             self._grow(needed)
-        full = self.length + n_new > self.valid.shape[2]  # [L, E]
+        full = self.length + n_new > self.allocated  # [L, E]
         if full.any():
             self.compact(full)
-            if (self.length + n_new > self.valid.shape[2]).any():
+            if (self.length + n_new > self.allocated).any():
                 raise RuntimeError(
                     f"KV cache capacity {self.capacity} exhausted: the memory policy keeps "
                     "more tokens than the cache was sized for")
@@ -122,7 +128,7 @@ class KVCache:
 
     def _grow(self, needed):
         """Reallocate every [L, E, C, ...] table with room for at least `needed` positions."""
-        C = self.valid.shape[2]
+        C = self.allocated
         size = min(self.capacity, max(needed, 2 * C))
 
         def grown(table):

@@ -38,9 +38,8 @@ def main(argv=None):
                         help="comma-separated part numbers (default all)")
     parser.add_argument("--out", default=str(LAB_DIR / "expected"))
     args = parser.parse_args(argv)
-    parts = args.parts
     try:
-        seconds = run_lab(args.out, "lab", parts)
+        seconds = run_lab(args.out, "lab", args.parts)
     except UserError as e:
         print(f"run_lab.py: error: {e}", file=sys.stderr)
         return 2

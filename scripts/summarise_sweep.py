@@ -15,14 +15,14 @@ from dtmem.files import atomic_path
 
 def main(folder):
     folder = Path(folder)
-    runs = sorted(folder.glob("*.json"), key=lambda p: json.loads(p.read_text())["config"]["n_up"])
+    runs = sorted(((path, json.loads(path.read_text())) for path in folder.glob("*.json")),
+                  key=lambda path_run: path_run[1]["config"]["n_up"])
     if not runs:
         print(f"summarise_sweep.py: error: no run files (*.json) in {folder}", file=sys.stderr)
         return 2
     lines = ["| run | n_up | population mean, last 5 generations | CMA-ES mean evaluations "
              "| cache tokens, last 5 | wall s |", "|---|---|---|---|---|---|"]
-    for path in runs:
-        run = json.loads(path.read_text())
+    for path, run in runs:
         history = run["history"][-5:]
         evals = [f"g{h['generation']}: {h['mean_eval']:.1f}" for h in run["history"]
                  if h["mean_eval"] is not None]

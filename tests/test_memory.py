@@ -121,8 +121,6 @@ def test_bad_budgets_are_one_line_errors(capsys, argv, needle):
 
 
 def test_a_policy_file_registers_a_policy_or_says_what_is_wrong(capsys, tmp_path, checkpoint):
-    from dtmem.cli import main
-
     from dtmem.lab import LAB_DIR
 
     lab_policy = ["--policy", "recent-states", "--policy-file", str(LAB_DIR / "recent_states.py")]
