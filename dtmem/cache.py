@@ -64,6 +64,15 @@ class KVCache:
         self.length[:, slots] = 0
         self.n_arrived[slots] = 0
 
+    def keep_slots(self, slots):
+        """Keep only the given slots (an index tensor), renumbered 0.. in that order: the
+        batch shrinks once episodes end and no new ones wait, so finished slots stop
+        costing compute."""
+        for name in ("keys", "values", "valid", "length", "timestep", "kind", "arrival"):
+            setattr(self, name, getattr(self, name)[:, slots])
+        self.n_arrived = self.n_arrived[slots]
+        self.token_state = {name: table[:, slots] for name, table in self.token_state.items()}
+
     def evict(self, mask):
         """Forget the tokens where mask [L, E, C] is True."""
         self.valid &= ~mask

@@ -92,28 +92,50 @@ def unpack(params, layout):
             for name, (a, b, shape) in layout.items()}
 
 
-def bam_scores(params, x, allowed, chunk_elements=2**24):
-    """params [B, 4172], x [B, T, 25], allowed [B, T, T] (query i may look at key j: the
-    backward mask, token i sees itself and newer tokens) -> scores [B, T]. Batches are
-    processed in chunks so that the T x T attention never exceeds chunk_elements."""
+def bam_scores(params, x, lengths, chunk_elements=2**24):
+    """params [B, 4172], x [B, T, 25]: B groups of tokens in arrival order, the first
+    lengths[b] of each real and the rest padding -> scores [B, T] (padding's are junk).
+
+    Backward attention: a token looks at itself and the tokens that arrived after it.
+    Reversing each group's real tokens turns that into ordinary causal attention, with no
+    T x T mask to build and the masked half skipped; padding stays behind the real tokens,
+    where causal attention hides it from them. Groups run in buckets of similar length
+    (within a factor of 2, at most chunk_elements in T x T), so that one long group does
+    not make every short one pay for its attention."""
     B, T, _ = x.shape
-    step = max(1, chunk_elements // max(1, T * T))
-    return torch.cat([_bam(params[i:i + step], x[i:i + step], allowed[i:i + step])
-                      for i in range(0, B, step)])
+    position = torch.arange(T, device=x.device)
+    last = lengths[:, None] - 1
+    flip = torch.where(position <= last, last - position, position)  # [B, T], an involution
+    order = lengths.argsort(descending=True, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    scores = x.new_zeros(B, T)
+    start = 0
+    while start < B:
+        longest = max(sorted_lengths[start], 1)
+        end = start + 1
+        while (end < B and 2 * sorted_lengths[end] > longest
+               and (end - start + 1) * longest**2 <= chunk_elements):
+            end += 1
+        group = order[start:end]
+        at = flip[group, :longest]  # [b, longest]: each group's tokens, newest first
+        scores[group[:, None], at] = _bam(params[group], x[group[:, None], at])
+        start = end
+    return scores
 
 
-def _bam(params, x, allowed):
+def _bam(params, x):
+    """x [B, T, 25] newest token first; token i attends to tokens 0..i (itself and newer)."""
     p = unpack(params, BAM_LAYOUT)
     qkv = torch.bmm(x, p["qkv_w"]) + p["qkv_b"][:, None]  # [B, T, 96]
     q, k, v = qkv[:, None].split(BAM_HEAD, dim=-1)  # [B, 1, T, 32] each
-    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])[:, 0]
+    attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)[:, 0]
     out = torch.bmm(attended, p["out_w"]) + p["out_b"][:, None]  # [B, T, 50]
     residual, gate = out.split(N_FEATURES, dim=-1)
     x = x * (1 + gate) + residual
     return (x * p["read_w"][:, None]).sum(-1) + p["read_b"]
 
 
-def mlp_scores(params, x, allowed=None):
+def mlp_scores(params, x, lengths=None):
     """The MLP ablation: the same features, scored token by token (no cross-token view)."""
     p = unpack(params, MLP_LAYOUT)
     hidden = torch.relu(torch.bmm(x, p["w1"]) + p["b1"][:, None])

@@ -101,7 +101,7 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, polic
                                                   active, want_attention=memory.needs_attention)
                 tokens = cache.held().T  # [E, L], before this step's eviction
                 memory.after_step(cache, t_now, attention)
-            tokens = tokens.cpu().numpy().reshape(E, -1)  # [E, L] (recompute: [E, 1])
+            tokens = tokens.cpu().numpy().reshape(len(episode), -1)  # [E, L] (recompute: 1)
             token_sum[active_np] += tokens[active_np]
             token_max[active_np] = np.maximum(token_max[active_np], tokens[active_np])
             actions_np = np.clip(actions.cpu().numpy(), low, high)
@@ -133,6 +133,23 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task, polic
                     start(slot)
                 else:
                     episode[slot] = -1
+            idle = episode < 0
+            if next_episode >= episodes and 4 * idle.sum() >= len(idle) and not idle.all():
+                # No episode waits for a slot: drop the finished ones (renumbering the rest)
+                # so that they stop costing compute. Shrinking only when a quarter is idle
+                # keeps the copies few.
+                keep = np.flatnonzero(~idle)
+                envs = [envs[slot] for slot in keep]
+                episode, t, rtg, obs, ret, token_sum, token_max = (
+                    a[keep] for a in (episode, t, rtg, obs, ret, token_sum, token_max))
+                index = torch.from_numpy(keep).to(device)
+                prev_action = prev_action[index]
+                if recompute:
+                    hist_states, hist_actions, hist_rtg = (
+                        h[index] for h in (hist_states, hist_actions, hist_rtg))
+                else:
+                    cache.keep_slots(index)
+                    memory.keep_slots(index)
     bar.close()
     return [results[i] for i in range(episodes)], env_steps
 

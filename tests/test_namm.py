@@ -56,15 +56,35 @@ def test_bam_mask_is_backward():
     """Changing the newest token's features changes older tokens' scores, not vice versa."""
     torch.manual_seed(0)
     params = torch.randn(1, 4172) * 0.3
-    x = torch.randn(1, 5, 25)
-    order = torch.arange(5)
-    allowed = (order[None, :] >= order[:, None])[None]  # arrival order = position here
-    base = namm.bam_scores(params, x, allowed)
+    x = torch.randn(1, 5, 25)  # arrival order
+    lengths = torch.tensor([5])
+    base = namm.bam_scores(params, x, lengths)
     newest, oldest = x.clone(), x.clone()
     newest[0, 4] += 1.0
     oldest[0, 0] += 1.0
-    assert not torch.allclose(namm.bam_scores(params, newest, allowed)[0, :4], base[0, :4])
-    assert torch.allclose(namm.bam_scores(params, oldest, allowed)[0, 1:], base[0, 1:])
+    assert not torch.allclose(namm.bam_scores(params, newest, lengths)[0, :4], base[0, :4])
+    assert torch.allclose(namm.bam_scores(params, oldest, lengths)[0, 1:], base[0, 1:])
+
+
+def masked_bam_reference(params, x):
+    """The backward mask written out (token i attends to j >= i), for one unpadded group."""
+    p = namm.unpack(params, namm.BAM_LAYOUT)
+    q, k, v = (x @ p["qkv_w"][0] + p["qkv_b"][0]).split(32, dim=-1)
+    logits = (q @ k.T / 32**0.5).masked_fill(torch.ones(len(x), len(x)).tril(-1).bool(),
+                                              float("-inf"))
+    residual, gate = (logits.softmax(-1) @ v @ p["out_w"][0] + p["out_b"][0]).split(25, -1)
+    return (x * (1 + gate) + residual) @ p["read_w"][0] + p["read_b"][0]
+
+
+def test_bam_scores_of_padded_groups_in_buckets_match_each_group_alone():
+    torch.manual_seed(0)
+    lengths = torch.tensor([3, 40, 25, 2, 22, 40])  # buckets: 40 40 | 25 22 | 3 2
+    params = torch.randn(len(lengths), 4172) * 0.3
+    x = torch.randn(len(lengths), 40, 25)
+    scores = namm.bam_scores(params, x, lengths, chunk_elements=2 * 40**2)
+    for b, n in enumerate(lengths.tolist()):
+        alone = masked_bam_reference(params[b:b + 1], x[b, :n])
+        assert torch.allclose(scores[b, :n], alone, atol=1e-5)
 
 
 def decode_steps(policy, steps=40, slots=2, params=None):
@@ -152,9 +172,9 @@ def test_import_of_an_original_checkpoint_scores_identically(capsys, tmp_path, c
     assert torch.equal(imported.stats[0], original["buffers"][
         "memory_policy.token_embedding.online_output_mean"].reshape(17))
     # The same features give the same scores as the vector used directly.
-    x, allowed = torch.randn(2, 6, 25), torch.ones(2, 6, 6, dtype=torch.bool)
-    assert torch.equal(namm.bam_scores(imported.params.expand(2, -1), x, allowed),
-                       namm.bam_scores(mean.expand(2, -1), x, allowed))
+    x, lengths = torch.randn(2, 6, 25), torch.tensor([6, 4])
+    assert torch.equal(namm.bam_scores(imported.params.expand(2, -1), x, lengths),
+                       namm.bam_scores(mean.expand(2, -1), x, lengths))
     out = tmp_path / "r.json"
     assert main(["rollout", "--policy", "namm", "--namm", str(tmp_path / "mine.pt"),
                  "--episodes", "2", "--checkpoint", str(checkpoint), "--json", str(out)]) == 0

@@ -43,6 +43,10 @@ class MemoryPolicy:
     def reset(self, slots):
         """Episodes restart in these slots; forget any per-slot state."""
 
+    def keep_slots(self, slots):
+        """The batch shrinks to these slots (an index tensor), renumbered 0.. in that order;
+        keep any per-slot state in step (the cache's own tables are already done)."""
+
     def after_step(self, cache, timestep, attention):
         """cache: KVCache; timestep [E]: the step just decoded; attention: per layer
         [E, H, n_new, span] probabilities of the new queries (rows of missing tokens are

@@ -72,6 +72,11 @@ class NAMM(MemoryPolicy):
         self.pending[slots] = 0
         self.period_start[slots] = 0
 
+    def keep_slots(self, slots):
+        self.pending, self.period_start = self.pending[slots], self.period_start[slots]
+        if self.params.dim() == 2:
+            self.params = self.params[slots.to(self.params.device)]
+
     def after_step(self, cache, timestep, attention):
         # A valid query's row sums to 1; rows of missing tokens were zeroed by the model.
         valid_query = attention[0][:, 0].sum(-1) > 0.5  # [E, n_new]
@@ -88,53 +93,49 @@ class NAMM(MemoryPolicy):
             self._update(cache, due)
 
     def _update(self, cache, due):
-        L, H, n_up = cache.n_layers, cache.keys.shape[3], self.n_up
+        L, U, H, n_up = cache.n_layers, len(due), cache.keys.shape[3], self.n_up
         pending_rows, tails, emas = (cache.token_state[f"namm_{name}"]
                                      for name in ("rows", "tail", "ema"))
-        # Gather the surviving tokens to the front first: the scorer's cost grows with the
-        # square of the span, and evicted positions would only be masked out.
-        which = torch.zeros_like(cache.valid[..., 0])
-        which[:, due] = True
-        cache.compact(which)
-        span = int(cache.length[:, due].max())
-        rows = pending_rows[:, due, :span]  # [L, U, S, H, R]
-        signal = torch.cat([tails[:, due, :span], rows[..., :n_up]], dim=-1)
-        frames = namm.spectrogram(signal.reshape(-1, namm.HOP + n_up))
-        arrival = cache.arrival[:, due, :span]  # [L, U, S]
+        # Only this method evicts, and it compacts right after: every (layer, slot) holds
+        # its tokens at positions [0, length), in arrival order.
+        lengths = cache.length[:, due]  # [L, U]
+        span = int(lengths.max())
+        valid = cache.valid[:, due, :span]  # [L, U, S]
+        layer, member, pos = valid.nonzero(as_tuple=True)  # one entry per token: [N] each
+        slot = due[member]
+        rows = pending_rows[layer, slot, pos]  # [N, H, n_up + 2]
+        signal = torch.cat([tails[layer, slot, pos], rows[..., :n_up]], dim=-1)
+        frames = namm.spectrogram(signal.reshape(-1, namm.HOP + n_up))  # [N * H, Fr, 17]
+        arrival = cache.arrival[layer, slot, pos]  # [N]
         # A token that arrived in this period has no attention before its own query.
-        offset = (arrival - self.period_start[due][None, :, None]).clamp(min=0)
-        first_frame = (offset // namm.HOP)[..., None].expand(-1, -1, -1, H).reshape(-1)
-        ema = namm.ema_update(emas[:, due, :span].reshape(-1, namm.N_BINS), frames,
-                              first_frame).reshape(L, len(due), span, H, namm.N_BINS)
-        emas[:, due, :span] = ema
-        tails[:, due, :span] = signal[..., -namm.HOP:]
-        leftover = rows[..., n_up:].clone()
-        pending_rows[:, due, :span] = 0
-        pending_rows[:, due, :span, :, : leftover.shape[-1]] = leftover
+        offset = (arrival - self.period_start[slot]).clamp(min=0)
+        first_frame = (offset // namm.HOP).repeat_interleave(H)
+        ema = namm.ema_update(emas[layer, slot, pos].reshape(-1, namm.N_BINS), frames,
+                              first_frame).reshape(-1, H, namm.N_BINS)  # [N, H, 17]
+        emas[layer, slot, pos] = ema
+        tails[layer, slot, pos] = signal[..., -namm.HOP:]
+        leftover = torch.zeros_like(rows)  # queries past n_up wait for the next update
+        leftover[..., : rows.shape[-1] - n_up] = rows[..., n_up:]
+        pending_rows[layer, slot, pos] = leftover
         self.pending[due] -= n_up
         self.period_start[due] += n_up
 
-        valid = cache.valid[:, due, :span]  # [L, U, S]
-        if self.collect_stats:
-            values = ema[valid]  # [tokens, H, 17]: pooled over layers, slots, heads, calls
-            values = values.reshape(-1, namm.N_BINS)
+        if self.collect_stats:  # pooled over layers, slots, heads and calls
+            values = ema.reshape(-1, namm.N_BINS)
             batch = (values.mean(0), values.var(0, unbiased=False), len(values))
             self.stats = namm.merge_stats(self.stats, batch)
-        age = (cache.n_arrived[due] - 1)[None, :, None] - arrival
-        features = torch.cat([
-            namm.recency(age)[..., None, :].expand(-1, -1, -1, H, -1),
-            namm.standardise(ema, self.stats)], dim=-1)  # [L, U, S, H, 25]
-        features = features.permute(0, 1, 3, 2, 4).reshape(-1, span, namm.N_FEATURES)
-        # Backward mask: a token looks at itself and the newer tokens it competes with.
-        allowed = valid[..., None, :] & (arrival[..., None, :] >= arrival[..., :, None])
-        allowed |= torch.eye(span, dtype=torch.bool, device=allowed.device)
-        allowed = allowed[:, :, None].expand(-1, -1, H, -1, -1).reshape(-1, span, span)
+        age = cache.n_arrived[slot] - 1 - arrival
+        features = torch.cat([namm.recency(age)[:, None].expand(-1, H, -1),
+                              namm.standardise(ema, self.stats)], dim=-1)  # [N, H, 25]
+        padded = features.new_zeros(L, U, H, span, namm.N_FEATURES)
+        padded[layer, member, :, pos] = features
         params = self.params.to(features.device)
-        params = (params[due] if params.dim() == 2 else params.expand(len(due), -1))
+        params = (params[due] if params.dim() == 2 else params.expand(U, -1))
         params = params[None, :, None].expand(L, -1, H, -1).reshape(-1, self.n_params)
-        scores = self.score_fn(params, features, allowed).reshape(L, len(due), H, span)
-        scores = scores.amax(2).masked_fill(~valid, float("-inf"))  # [L, U, S]
-        newest = arrival == (cache.n_arrived[due] - 1)[None, :, None]
+        scores = self.score_fn(params, padded.reshape(-1, span, namm.N_FEATURES),
+                               lengths[..., None].expand(-1, -1, H).reshape(-1))
+        scores = scores.reshape(L, U, H, span).amax(2).masked_fill(~valid, float("-inf"))
+        newest = cache.arrival[:, due, :span] == (cache.n_arrived[due] - 1)[None, :, None]
         keep = (scores >= 0) | newest
         if self.cap is not None:
             rank = scores.masked_fill(newest, float("inf")).argsort(
@@ -143,6 +144,9 @@ class NAMM(MemoryPolicy):
         evict = torch.zeros_like(cache.valid)
         evict[:, due, :span] = valid & ~keep
         cache.evict(evict)
+        # Survivors to the front: the cache's span (what every decode step reads) and the
+        # next update's cost shrink with it.
+        cache.compact(evict.any(-1))
 
 
 @register
