@@ -50,7 +50,11 @@ def test_members_share_env_seeds_and_generations_differ(shipped, tmp_path):
     zero = np.zeros((3, run.n_params))
     run.collect_stats()
     scores, _, _ = run.evaluate(zero, ["hopper-medium"], 2, seed=5)
-    assert scores[0] == scores[1] == scores[2]  # same params, same seeds: same score
+    # Same params, same seeds: the same score, up to float rounding (a shrinking batch
+    # puts a slot's rows at other positions of the matrix products, which round them
+    # differently). Other seeds would move the score by whole points.
+    assert scores[1] == pytest.approx(scores[0], rel=1e-6)
+    assert scores[2] == pytest.approx(scores[0], rel=1e-6)
 
 
 def test_incremental_stages_and_cli(shipped, tmp_path, capsys):
