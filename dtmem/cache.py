@@ -90,12 +90,13 @@ class KVCache:
         """Positions [0, span) hold every written token of this layer in all slots."""
         return int(self.length[layer].max())
 
-    def layer_keys(self, layer, span):
-        """Keys of one layer as [E, H, span, D] (a view, no copy)."""
-        return self.keys[layer, :, :span].permute(0, 2, 1, 3)
+    def layer_keys(self, layer, stop, start=0, slots=None):
+        """Keys of positions [start, stop) of one layer as [E, H, stop - start, D]: a view,
+        or a copy holding only the given slots (an index tensor)."""
+        return _positions(self.keys[layer], start, stop, slots)
 
-    def layer_values(self, layer, span):
-        return self.values[layer, :, :span].permute(0, 2, 1, 3)
+    def layer_values(self, layer, stop, start=0, slots=None):
+        return _positions(self.values[layer], start, stop, slots)
 
     def append(self, new_valid, timestep, kind):
         """Reserve positions for new tokens and record their metadata.
@@ -179,3 +180,12 @@ class KVCache:
             flat = table.view(-1)
             flat[target] = flat[source]
         self.length[layer, slot] = self.valid[layer, slot].sum(-1)
+
+
+def _positions(table, start, stop, slots):
+    """[E, C, H, D] -> [E or len(slots), H, stop - start, D]; index_select copies each
+    slot's positions as one contiguous block."""
+    table = table[:, start:stop]
+    if slots is not None:
+        table = table.index_select(0, slots)
+    return table.permute(0, 2, 1, 3)

@@ -64,9 +64,10 @@ class Block(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.finish(x, y)
 
-    def decode(self, x, cache: KVCache, layer, pos, want_attention, last_query_only=False):
+    def decode(self, x, cache: KVCache, layer, pos, last_query_only=False):
         """x [E, n, C]: new tokens at cache positions pos [E, n]; attends to the valid
-        cached tokens of this layer and, causally, to the new ones. last_query_only: the
+        cached tokens of this layer and, causally, to the new ones. Returns the new
+        tokens' outputs and their attention probabilities. last_query_only: the
         caller needs only the last token's output (all keys and values are still written,
         and attention is still computed for every query, so that memory policies see it
         and results do not depend on whether they asked)."""
@@ -75,15 +76,41 @@ class Block(nn.Module):
         span = cache.span(layer)
         keys = cache.layer_keys(layer, span)  # [E, H, S, D]
         values = cache.layer_values(layer, span)
-        scores = q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [E, H, n, S]
+        split, long = ragged_split(cache.length[layer])
+        scores = q.new_empty(q.shape[:3] + (span,))  # [E, H, n, S]
+        scores[..., :split] = q @ keys[:, :, :split].transpose(-1, -2)
+        if long is not None:
+            tail_keys = cache.layer_keys(layer, span, split, long)
+            scores[long, ..., split:] = q[long] @ tail_keys.transpose(-1, -2)
+        scores /= math.sqrt(q.shape[-1])
         seen = torch.arange(span, device=x.device)[None, None, :] <= pos[:, :, None]
+        # Positions past a slot's length are invalid, so this also hides what the split
+        # left unwritten. A finite fill keeps rows without any key (idle slots) NaN-free.
         allowed = cache.valid[layer, :, None, :span] & seen  # [E, n, S]
-        # A finite fill keeps rows without any key (idle slots) free of NaNs.
         scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
         probs = scores.softmax(-1)
-        if last_query_only:
-            return self.finish(x[:, -1:], probs[:, :, -1:] @ values), probs
-        return self.finish(x, probs @ values), (probs if want_attention else None)
+        rows = probs[:, :, -1:] if last_query_only else probs
+        y = rows[..., :split] @ values[:, :, :split]  # [E, H, n, D]
+        if long is not None:
+            tail_values = cache.layer_values(layer, span, split, long)
+            y.index_add_(0, long, rows[long, ..., split:] @ tail_values)
+        return self.finish(x[:, -1:] if last_query_only else x, y), probs
+
+
+def ragged_split(lengths, copy_cost=2):
+    """Where to split the cache positions of one layer so that attention reads little
+    padding: slots hold lengths [E] tokens, and a few long ones (a policy that keeps much)
+    would make every slot read up to the longest. Positions [0, split) are read for all
+    slots (a view); past split, only the `long` slots' are (a gathered copy, costlier per
+    token by copy_cost). Returns (split, long slot indices or None when not worth it)."""
+    ordered = lengths.sort(descending=True).values  # [E]
+    n_long = torch.arange(len(ordered), device=lengths.device)
+    cost = len(ordered) * ordered + copy_cost * n_long * (ordered[0] - ordered)
+    best = int(cost.argmin())
+    split = int(ordered[best])
+    if best == 0:
+        return split, None
+    return split, (lengths > split).nonzero().squeeze(1)
 
 
 class DecisionTransformer(nn.Module):
@@ -148,7 +175,7 @@ class DecisionTransformer(nn.Module):
         for layer, block in enumerate(self.blocks):
             # In the last layer only the state token's output matters: it predicts the action.
             last = layer == len(self.blocks) - 1
-            x, probs = block.decode(x, cache, layer, pos[layer], want_attention, last)
+            x, probs = block.decode(x, cache, layer, pos[layer], last)
             if want_attention:  # rows of missing tokens are meaningless: zero them
                 probs = probs * new_valid[:, None, :, None]
             attention.append(probs)
