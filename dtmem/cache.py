@@ -133,7 +133,7 @@ class KVCache:
             table.view(L * E * C, -1)[flat] = 0
         self.length += n_new
         self.n_arrived += n_new
-        self._write_index = (in_layer, new_valid)
+        self._write_index = (in_layer, new_valid.flatten().nonzero().squeeze(1))
         return pos
 
     def _grow(self, needed):
@@ -153,11 +153,11 @@ class KVCache:
     def write(self, layer, k, v):
         """Store the new tokens' keys and values [E, H, n, D] of one layer at the positions
         reserved by the last append."""
-        in_layer, new_valid = self._write_index
+        in_layer, new_rows = self._write_index
         E, C = self.valid.shape[1:]
         for store, new in ((self.keys, k), (self.values, v)):
-            store[layer].view(E * C, *store.shape[3:]).index_copy_(
-                0, in_layer[layer], new.transpose(1, 2)[new_valid])
+            new = new.transpose(1, 2).flatten(0, 1).index_select(0, new_rows)  # [M, H, D]
+            store[layer].view(E * C, *store.shape[3:]).index_copy_(0, in_layer[layer], new)
 
     def compact(self, which):
         """Gather the valid tokens of the (layer, slot) pairs in which [L, E] to the front."""
