@@ -74,11 +74,9 @@ class Block(nn.Module):
         q, k, v = self.heads(x)
         cache.write(layer, k, v)
         span = cache.span(layer)
-        keys = cache.layer_keys(layer, span)  # [E, H, S, D]
-        values = cache.layer_values(layer, span)
         split, long = ragged_split(cache.length[layer])
         scores = q.new_empty(q.shape[:3] + (span,))  # [E, H, n, S]
-        scores[..., :split] = q @ keys[:, :, :split].transpose(-1, -2)
+        scores[..., :split] = q @ cache.layer_keys(layer, split).transpose(-1, -2)
         if long is not None:
             tail_keys = cache.layer_keys(layer, span, split, long)
             scores[long, ..., split:] = q[long] @ tail_keys.transpose(-1, -2)
@@ -90,7 +88,7 @@ class Block(nn.Module):
         scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
         probs = scores.softmax(-1)
         rows = probs[:, :, -1:] if last_query_only else probs
-        y = rows[..., :split] @ values[:, :, :split]  # [E, H, n, D]
+        y = rows[..., :split] @ cache.layer_values(layer, split)  # [E, H, n, D]
         if long is not None:
             tail_values = cache.layer_values(layer, span, split, long)
             y.index_add_(0, long, rows[long, ..., split:] @ tail_values)

@@ -213,3 +213,23 @@ def test_zero_parameter_namm_reproduces_the_full_rollout_exactly(checkpoint):
                              episodes=4, slots=2, memory=memory)
         runs[policy] = [(r.ret, r.length, r.max_tokens) for r in results]
     assert runs["namm"] == runs["full"]
+
+
+def test_slots_keep_their_own_namm_when_the_batch_sheds_finished_ones(checkpoint):
+    """Episodes end at different steps, so the rollout drops finished slots and renumbers
+    the rest; every remaining slot must keep its own parameters and pending queries."""
+    from dtmem.checkpoints import load_model
+    from dtmem.rollout import rollout
+    from dtmem.tasks import resolve_task
+
+    model, payload = load_model(checkpoint)
+    memory = make_policy("namm", 20, 3000, n_up=16)
+    memory.params = torch.stack([bias_only(0.0), bias_only(-1.0)] * 4)  # even slots keep all
+    results, _ = rollout(model, payload["state_mean"], payload["state_std"],
+                         resolve_task("hopper"), "namm", episodes=8, memory=memory)
+    assert len(memory.pending) < 8  # the batch did shrink
+    for i, r in enumerate(results):
+        if i % 2 == 0:
+            assert r.max_tokens == 3 * r.length - 1
+        else:  # the newest token, plus what arrives between two updates
+            assert r.max_tokens <= 1 + 16 + 3
