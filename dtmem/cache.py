@@ -160,27 +160,29 @@ class KVCache:
             store[layer].view(E * C, *store.shape[3:]).index_copy_(0, in_layer[layer], new)
 
     def compact(self, which):
-        """Gather the valid tokens of the (layer, slot) pairs in which [L, E] to the front."""
+        """Gather the valid tokens of the (layer, slot) pairs in which [L, E] to the front,
+        in order. Only they move: what lies past the new length is invalid and never read
+        as a token (stale copies may remain there)."""
         L, E, C = self.valid.shape
         layer, slot = which.nonzero(as_tuple=True)
         if len(layer) == 0:
             return
         span = int(self.length[layer, slot].max())  # nothing was written beyond it
-        order = torch.argsort((~self.valid[layer, slot, :span]).to(torch.int8), dim=-1,
-                              stable=True)
+        valid = self.valid[layer, slot, :span]  # [P, span]
+        kept = valid.sum(-1)
+        order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+        moving = torch.arange(span, device=kept.device) < kept[:, None]  # [P, span]
         # Whole (H, D) rows move at once through a flat [L * E * C] view: index_select
         # copies contiguous rows, far faster than an elementwise gather.
         base = ((layer * E + slot) * C)[:, None]
-        source = (base + order).reshape(-1)
-        target = (base + torch.arange(span, device=base.device)).reshape(-1)
-        for table in (self.keys, self.values, *self.token_state.values()):
+        positions = base + torch.arange(span, device=base.device)
+        source, target = (base + order)[moving], positions[moving]
+        for table in (self.keys, self.values, *self.token_state.values(), self.timestep,
+                      self.kind, self.arrival):
             rows = table.view(L * E * C, -1)
             rows.index_copy_(0, target, rows.index_select(0, source))
-        for table in (self.valid, self.timestep, self.kind, self.arrival):
-            flat = table.view(-1)
-            flat[target] = flat[source]
-        self.length[layer, slot] = self.valid[layer, slot].sum(-1)
-
+        self.valid.view(-1)[positions.reshape(-1)] = moving.reshape(-1)
+        self.length[layer, slot] = kept
 
 def _positions(table, start, stop, slots):
     """[E, C, H, D] -> [E or len(slots), H, stop - start, D]; index_select copies each

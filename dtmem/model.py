@@ -75,9 +75,10 @@ class Block(nn.Module):
         cache.write(layer, k, v)
         span = cache.span(layer)
         split, long = ragged_split(cache.length[layer])
-        scores = q.new_empty(q.shape[:3] + (span,))  # [E, H, n, S]
-        scores[..., :split] = q @ cache.layer_keys(layer, split).transpose(-1, -2)
+        scores = q @ cache.layer_keys(layer, split).transpose(-1, -2)  # [E, H, n, split]
         if long is not None:
+            head, scores = scores, q.new_empty(q.shape[:3] + (span,))  # [E, H, n, S]
+            scores[..., :split] = head
             tail_keys = cache.layer_keys(layer, span, split, long)
             scores[long, ..., split:] = q[long] @ tail_keys.transpose(-1, -2)
         scores /= math.sqrt(q.shape[-1])
@@ -85,7 +86,7 @@ class Block(nn.Module):
         # Positions past a slot's length are invalid, so this also hides what the split
         # left unwritten. A finite fill keeps rows without any key (idle slots) NaN-free.
         allowed = cache.valid[layer, :, None, :span] & seen  # [E, n, S]
-        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        scores.masked_fill_(~allowed[:, None], torch.finfo(scores.dtype).min)
         probs = scores.softmax(-1)
         rows = probs[:, :, -1:] if last_query_only else probs
         y = rows[..., :split] @ cache.layer_values(layer, split)  # [E, H, n, D]
@@ -175,7 +176,7 @@ class DecisionTransformer(nn.Module):
             last = layer == len(self.blocks) - 1
             x, probs = block.decode(x, cache, layer, pos[layer], last)
             if want_attention:  # rows of missing tokens are meaningless: zero them
-                probs = probs * new_valid[:, None, :, None]
+                probs.mul_(new_valid[:, None, :, None])
             attention.append(probs)
         actions = self.predict_action(self.ln_f(x[:, -1]))
         return actions, (attention if want_attention else None)

@@ -135,7 +135,8 @@ class NAMM(MemoryPolicy):
         scores = self.score_fn(params, padded.reshape(-1, span, namm.N_FEATURES),
                                lengths[..., None].expand(-1, -1, H).reshape(-1))
         scores = scores.reshape(L, U, H, span).amax(2).masked_fill(~valid, float("-inf"))
-        newest = cache.arrival[:, due, :span] == (cache.n_arrived[due] - 1)[None, :, None]
+        newest = valid & (cache.arrival[:, due, :span]
+                          == (cache.n_arrived[due] - 1)[None, :, None])
         keep = (scores >= 0) | newest
         if self.cap is not None:
             rank = scores.masked_fill(newest, float("inf")).argsort(
