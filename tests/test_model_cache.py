@@ -54,6 +54,24 @@ def test_slots_starting_at_different_steps_match_their_own_forward(model):
     assert (decoded[0] - early[0]).abs().max() < 1e-5
 
 
+def test_one_long_slot_among_short_ones_is_read_apart_and_changes_nothing(model):
+    """Seven slots start late, so one slot holds far more tokens: attention reads the
+    positions past the split for that slot alone, and every slot still matches its own
+    full forward."""
+    from dtmem.model import ragged_split
+
+    rtg, states, actions = episode_inputs(E=8, T=40)
+    cache = model.new_cache(8, capacity=120)
+    start = torch.tensor([0] + [32] * 7)
+    decoded, _ = decode_all(model, cache, rtg, states, actions, start=start)
+    split, long = ragged_split(cache.length[0])
+    assert long is not None and long.tolist() == [0] and split < int(cache.length[0, 0])
+    early = model(rtg[:1], states[:1], actions[:1], torch.arange(40)[None])
+    assert (decoded[0] - early[0]).abs().max() < 1e-5
+    late = model(rtg[1:, 32:], states[1:, 32:], actions[1:, 32:], torch.arange(8).expand(7, 8))
+    assert (decoded[1:, 32:] - late).abs().max() < 1e-5
+
+
 def test_window_compaction_changes_nothing(model):
     """A window cache that compacts often gives the same actions as one that never does."""
     rtg, states, actions = episode_inputs(E=2, T=60)
