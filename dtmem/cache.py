@@ -68,10 +68,8 @@ class KVCache:
         """Keep only the given slots (an index tensor), renumbered 0.. in that order: the
         batch shrinks once episodes end and no new ones wait, so finished slots stop
         costing compute."""
-        for name in ("keys", "values", "valid", "length", "timestep", "kind", "arrival"):
-            setattr(self, name, getattr(self, name)[:, slots])
-        self.n_arrived = self.n_arrived[slots]
-        self.token_state = {name: table[:, slots] for name, table in self.token_state.items()}
+        self._replace_tables(lambda table: table[:, slots])
+        self.length, self.n_arrived = self.length[:, slots], self.n_arrived[slots]
 
     def evict(self, mask):
         """Forget the tokens where mask [L, E, C] is True."""
@@ -146,9 +144,13 @@ class KVCache:
             bigger[:, :, :C] = table
             return bigger
 
+        self._replace_tables(grown)
+
+    def _replace_tables(self, change):
+        """Replace every [L, E, C, ...] table (token state included) by change(table)."""
         self.keys, self.values, self.valid, self.timestep, self.kind, self.arrival = map(
-            grown, (self.keys, self.values, self.valid, self.timestep, self.kind, self.arrival))
-        self.token_state = {name: grown(table) for name, table in self.token_state.items()}
+            change, (self.keys, self.values, self.valid, self.timestep, self.kind, self.arrival))
+        self.token_state = {name: change(table) for name, table in self.token_state.items()}
 
     def write(self, layer, k, v):
         """Store the new tokens' keys and values [E, H, n, D] of one layer at the positions
@@ -183,6 +185,7 @@ class KVCache:
             rows.index_copy_(0, target, rows.index_select(0, source))
         self.valid.view(-1)[positions.reshape(-1)] = moving.reshape(-1)
         self.length[layer, slot] = kept
+
 
 def _positions(table, start, stop, slots):
     """[E, C, H, D] -> [E or len(slots), H, stop - start, D]; index_select copies each
