@@ -67,8 +67,10 @@ class KVCache:
     def keep_slots(self, slots):
         """Keep only the given slots (an index tensor), renumbered 0.. in that order: the
         batch shrinks once episodes end and no new ones wait, so finished slots stop
-        costing compute."""
-        self._replace_tables(lambda table: table[:, slots])
+        costing compute. The allocation is cut to twice the longest kept slot's length
+        (this copy and later ones then move little that is never read)."""
+        size = min(self.allocated, max(INITIAL_TOKENS, 2 * int(self.length[:, slots].max())))
+        self._replace_tables(lambda table: table[:, slots, :size])
         self.length, self.n_arrived = self.length[:, slots], self.n_arrived[slots]
 
     def evict(self, mask):
@@ -83,10 +85,6 @@ class KVCache:
         """A score bonus larger than any arrival index or attention total, so that a
         policy can rank a class of tokens (sinks, recent ones) above all others."""
         return float(self.capacity + int(self.n_arrived.max()) + 1)
-
-    def span(self, layer):
-        """Positions [0, span) hold every written token of this layer in all slots."""
-        return int(self.length[layer].max())
 
     def layer_keys(self, layer, stop, start=0, slots=None):
         """Keys of positions [start, stop) of one layer as [E, H, stop - start, D]: a view,
@@ -107,9 +105,8 @@ class KVCache:
         needed = int((self.length + n_new).max())
         if needed > self.allocated and self.allocated < self.capacity:
             self._grow(needed)
-        full = self.length + n_new > self.allocated  # [L, E]
-        if full.any():
-            self.compact(full)
+        if needed > self.allocated:
+            self.compact(self.length + n_new > self.allocated)
             if (self.length + n_new > self.allocated).any():
                 raise RuntimeError(
                     f"KV cache capacity {self.capacity} exhausted: the memory policy keeps "
@@ -117,21 +114,21 @@ class KVCache:
         offset = new_valid.long().cumsum(-1) - 1  # [E, n]
         pos = self.length[:, :, None] + offset[None]  # [L, E, n]
         L, E, C = self.valid.shape
-        slot = torch.arange(E, device=pos.device)[:, None].expand_as(offset)[new_valid]  # [M]
+        new_rows = new_valid.flatten().nonzero().squeeze(1)  # [M]: (slot, token) of new ones
+        slot = new_rows // new_valid.shape[1]
         # Flat index of each new token in a [E * C] view of one layer: [L, M].
-        in_layer = slot * C + pos[:, new_valid]
-        flat = in_layer + torch.arange(L, device=pos.device)[:, None] * (E * C)
-        flat = flat.reshape(-1)
+        in_layer = slot * C + pos.flatten(1).index_select(1, new_rows)
+        flat = (in_layer + torch.arange(L, device=pos.device)[:, None] * (E * C)).reshape(-1)
         arrival = self.n_arrived[:, None] + offset
-        self.valid.view(-1)[flat] = True
+        self.valid.view(-1).index_fill_(0, flat, True)
         for table, value in ((self.timestep, timestep), (self.kind, kind),
                              (self.arrival, arrival)):
-            table.view(-1)[flat] = value[new_valid].repeat(L)
+            table.view(-1).index_copy_(0, flat, value.flatten().index_select(0, new_rows).repeat(L))
         for table in self.token_state.values():
-            table.view(L * E * C, -1)[flat] = 0
+            table.view(L * E * C, -1).index_fill_(0, flat, 0)
         self.length += n_new
         self.n_arrived += n_new
-        self._write_index = (in_layer, new_valid.flatten().nonzero().squeeze(1))
+        self._write_index = (in_layer, new_rows)
         return pos
 
     def _grow(self, needed):
@@ -139,9 +136,10 @@ class KVCache:
         C = self.allocated
         size = min(self.capacity, max(needed, 2 * C))
 
-        def grown(table):
-            bigger = table.new_zeros(table.shape[:2] + (size,) + table.shape[3:])
+        def grown(table):  # written once: fresh pages are the main cost of growing
+            bigger = table.new_empty(table.shape[:2] + (size,) + table.shape[3:])
             bigger[:, :, :C] = table
+            bigger[:, :, C:] = 0
             return bigger
 
         self._replace_tables(grown)

@@ -64,17 +64,17 @@ class Block(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.finish(x, y)
 
-    def decode(self, x, cache: KVCache, layer, pos, last_query_only=False):
+    def decode(self, x, cache: KVCache, layer, pos, reading, last_query_only=False):
         """x [E, n, C]: new tokens at cache positions pos [E, n]; attends to the valid
-        cached tokens of this layer and, causally, to the new ones. Returns the new
+        cached tokens of this layer and, causally, to the new ones, reading the positions
+        that `reading` = (span, split, long) of ragged_splits names. Returns the new
         tokens' outputs and their attention probabilities. last_query_only: the
         caller needs only the last token's output (all keys and values are still written,
         and attention is still computed for every query, so that memory policies see it
         and results do not depend on whether they asked)."""
         q, k, v = self.heads(x)
         cache.write(layer, k, v)
-        span = cache.span(layer)
-        split, long = ragged_split(cache.length[layer])
+        span, split, long = reading
         scores = q @ cache.layer_keys(layer, split).transpose(-1, -2)  # [E, H, n, split]
         if long is not None:
             head, scores = scores, q.new_empty(q.shape[:3] + (span,))  # [E, H, n, S]
@@ -96,20 +96,24 @@ class Block(nn.Module):
         return self.finish(x[:, -1:] if last_query_only else x, y), probs
 
 
-def ragged_split(lengths, copy_cost=2):
-    """Where to split the cache positions of one layer so that attention reads little
-    padding: slots hold lengths [E] tokens, and a few long ones (a policy that keeps much)
-    would make every slot read up to the longest. Positions [0, split) are read for all
-    slots (a view); past split, only the `long` slots' are (a gathered copy, costlier per
-    token by copy_cost). Returns (split, long slot indices or None when not worth it)."""
-    ordered = lengths.sort(descending=True).values  # [E]
-    n_long = torch.arange(len(ordered), device=lengths.device)
-    cost = len(ordered) * ordered + copy_cost * n_long * (ordered[0] - ordered)
-    best = int(cost.argmin())
-    split = int(ordered[best])
-    if best == 0:
-        return split, None
-    return split, (lengths > split).nonzero().squeeze(1)
+def ragged_splits(lengths, copy_cost=2):
+    """How to read the cache positions of each layer so that attention reads little
+    padding: slots hold lengths [L, E] tokens, and a few long ones (a policy that keeps
+    much) would make every slot read up to the longest. Positions [0, split) are read for
+    all slots (a view); past split, only the `long` slots' are (a gathered copy, costlier
+    per token by copy_cost). Returns per layer (span, split, long slot indices or None
+    when not worth it), where positions [0, span) hold every slot's tokens."""
+    ordered = lengths.sort(dim=-1, descending=True).values  # [L, E]
+    n_long = torch.arange(ordered.shape[1], device=lengths.device)
+    cost = ordered.shape[1] * ordered + copy_cost * n_long * (ordered[:, :1] - ordered)
+    best = cost.argmin(-1)  # [L]; the first of equal costs, as for one layer alone
+    splits = ordered.gather(1, best[:, None])  # [L, 1]
+    readings = []
+    for span, split, first, row in zip(ordered[:, 0].tolist(), splits[:, 0].tolist(),
+                                       best.tolist(), lengths):
+        long = None if first == 0 else (row > split).nonzero().squeeze(1)
+        readings.append((span, split, long))
+    return readings
 
 
 class DecisionTransformer(nn.Module):
@@ -171,10 +175,11 @@ class DecisionTransformer(nn.Module):
         x = self.embed_ln(x)
         pos = cache.append(new_valid, step, kind)
         attention = []
+        readings = ragged_splits(cache.length)
         for layer, block in enumerate(self.blocks):
             # In the last layer only the state token's output matters: it predicts the action.
             last = layer == len(self.blocks) - 1
-            x, probs = block.decode(x, cache, layer, pos[layer], last)
+            x, probs = block.decode(x, cache, layer, pos[layer], readings[layer], last)
             if want_attention:  # rows of missing tokens are meaningless: zero them
                 probs.mul_(new_valid[:, None, :, None])
             attention.append(probs)

@@ -58,14 +58,14 @@ def test_one_long_slot_among_short_ones_is_read_apart_and_changes_nothing(model)
     """Seven slots start late, so one slot holds far more tokens: attention reads the
     positions past the split for that slot alone, and every slot still matches its own
     full forward."""
-    from dtmem.model import ragged_split
+    from dtmem.model import ragged_splits
 
     rtg, states, actions = episode_inputs(E=8, T=40)
     cache = model.new_cache(8, capacity=120)
     start = torch.tensor([0] + [32] * 7)
     decoded, _ = decode_all(model, cache, rtg, states, actions, start=start)
-    split, long = ragged_split(cache.length[0])
-    assert long is not None and long.tolist() == [0] and split < int(cache.length[0, 0])
+    span, split, long = ragged_splits(cache.length)[0]
+    assert long is not None and long.tolist() == [0] and split < span == int(cache.length[0, 0])
     early = model(rtg[:1], states[:1], actions[:1], torch.arange(40)[None])
     assert (decoded[0] - early[0]).abs().max() < 1e-5
     late = model(rtg[1:, 32:], states[1:, 32:], actions[1:, 32:], torch.arange(8).expand(7, 8))
@@ -101,6 +101,30 @@ def test_a_growing_cache_matches_one_allocated_whole(model, monkeypatch):
     assert torch.equal(outputs[0], outputs[1])
     assert torch.equal(whole.valid, grown.valid) and torch.equal(whole.keys, grown.keys)
     assert torch.equal(whole.token_state["h2o_received"], grown.token_state["h2o_received"])
+
+
+def test_a_shrinking_batch_trims_its_cache_and_changes_nothing(model, monkeypatch):
+    """Dropping a long finished slot cuts the allocation to twice what the kept slots hold;
+    they grow again from there and still match their own full forward."""
+    monkeypatch.setattr("dtmem.cache.INITIAL_TOKENS", 8)
+    rtg, states, actions = episode_inputs(E=3, T=70)
+    cache = model.new_cache(3, capacity=210)
+    start = torch.tensor([30, 0, 30])
+    decoded = []
+    for step in range(70):
+        if step == 40:  # slot 1 holds 119 tokens, the others 29 each
+            assert cache.allocated == 128
+            cache.keep_slots(torch.tensor([0, 2]))
+            assert cache.allocated == 2 * 29
+            rtg, states, actions, start = (x[[0, 2]] for x in (rtg, states, actions, start))
+        t = (step - start).clamp(min=0)
+        prev = torch.where((t > 0)[:, None], actions[:, step - 1], 0.0)
+        out, _ = model.decode(cache, prev, rtg[:, step], states[:, step], t, step >= start)
+        if step >= 30:
+            decoded.append(out[[0, 2]] if len(out) == 3 else out)
+    assert cache.allocated == 210
+    own = model(rtg[:, 30:], states[:, 30:], actions[:, 30:], torch.arange(40).expand(2, 40))
+    assert (torch.stack(decoded, 1) - own).abs().max() < 1e-5
 
 
 def test_window_keeps_exactly_the_last_k_steps(model):

@@ -114,9 +114,9 @@ class NAMM(MemoryPolicy):
                               first_frame).reshape(-1, H, namm.N_BINS)  # [N, H, 17]
         emas[layer, slot, pos] = ema
         tails[layer, slot, pos] = signal[..., -namm.HOP:]
-        leftover = torch.zeros_like(rows)  # queries past n_up wait for the next update
-        leftover[..., : rows.shape[-1] - n_up] = rows[..., n_up:]
-        pending_rows[layer, slot, pos] = leftover
+        # Queries past n_up wait for the next update. Only they move: the next period's
+        # queries rewrite every other column of the buffer before it is read again.
+        pending_rows[layer, slot, pos, :, : rows.shape[-1] - n_up] = rows[..., n_up:]
         self.pending[due] -= n_up
         self.period_start[due] += n_up
 
