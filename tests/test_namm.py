@@ -119,6 +119,49 @@ def test_zero_parameters_keep_everything_and_collect_statistics():
     assert policy.stats[2] > 0 and torch.isfinite(policy.stats[0]).all()
 
 
+def test_each_token_ema_is_built_from_exactly_the_attention_it_received():
+    """The policy's buffers (pending query columns, leftovers past n_up, carried-over
+    tails, tokens arriving mid-period) against a reference that sees only the attention
+    rows the model returned. Slots start at different steps; zero parameters evict
+    nothing, so a token's position is its arrival index."""
+    torch.manual_seed(0)
+    model = DecisionTransformer(DTConfig(state_dim=3, act_dim=2, n_layer=2, n_embd=16)).eval()
+    n_up, steps, start = 32, 40, torch.tensor([0, 5])
+    policy = make_policy("namm", 20, 3 * steps, n_up=n_up)
+    cache = model.new_cache(2, policy.capacity())
+    policy.prepare(cache)
+    g = torch.Generator().manual_seed(1)
+    received = [[[], []], [[], []]]  # [layer][slot]: attention rows, in query order
+    for step in range(steps):
+        t, active = (step - start).clamp(min=0), step >= start
+        _, attention = model.decode(cache, torch.rand(2, 2, generator=g), torch.zeros(2, 1),
+                                    torch.randn(2, 3, generator=g), t, active,
+                                    want_attention=True)
+        for layer, probs in enumerate(attention):
+            for slot in range(2):
+                for query in range(0 if t[slot] > 0 else 1, 3) if active[slot] else ():
+                    received[layer][slot].append(probs[slot, 0, query].double().numpy())
+        policy.after_step(cache, t, attention)
+
+    per_frame = 0.99 ** 16
+    for layer in range(2):
+        for slot in range(2):
+            rows = received[layer][slot]
+            assert int(cache.length[layer, slot]) == len(rows)  # nothing was evicted
+            for token in range(len(rows)):
+                samples = np.array([0.0] * 16 + [row[token] if token < len(row) else 0.0
+                                                 for row in rows])
+                ema = np.zeros(17)
+                for k in range(len(rows) // n_up):  # the updates run so far, in order
+                    frames = reference_spectrogram(samples[k * n_up:(k + 1) * n_up + 16])
+                    ema *= per_frame ** len(frames)
+                    for f, frame in enumerate(frames):
+                        if token < k * n_up + 16 * (f + 1):  # it had arrived by frame f
+                            ema += per_frame ** (len(frames) - 1 - f) * (1 - per_frame) * frame
+                state = cache.token_state["namm_ema"][layer, slot, token, 0].double().numpy()
+                assert np.allclose(state, ema, atol=1e-6), (layer, slot, token)
+
+
 def test_negative_scores_evict_all_but_the_newest_at_each_update_per_slot():
     policy = make_policy("namm", 20, 3000, n_up=48)
     params = torch.stack([bias_only(0.0), bias_only(-1.0)])  # slot 0 keeps, slot 1 forgets
