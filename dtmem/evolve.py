@@ -28,7 +28,7 @@ from tqdm import tqdm
 from dtmem import namm
 from dtmem.checkpoints import SHIPPED_DIR, load_model
 from dtmem.errors import UserError
-from dtmem.files import atomic_path, provenance, write_json
+from dtmem.files import atomic_path, git_commit, provenance, write_json
 from dtmem.memory import POLICIES
 from dtmem.memory.namm import DEFAULT_N_UP
 from dtmem.rollout import rollout
@@ -145,7 +145,7 @@ class Evolution:
                 row = {"generation": generation, "stage": stage,
                        "fitness": fitness.tolist(), "best": float(fitness.max()),
                        "mean": float(fitness.mean()), "mean_tokens": tokens, "mean_eval": None,
-                       "wall": round(time.perf_counter() - begin, 2)}
+                       "wall": round(time.perf_counter() - begin, 2), "commit": git_commit()}
                 if (generation + 1) % cfg.eval_mean_every == 0 or generation + 1 == total:
                     mean_fitness, _, _ = self.evaluate(self.es.mean[None], cfg.stages[stage],
                                                        cfg.mean_episodes, seed=10_000_000)
@@ -161,8 +161,10 @@ class Evolution:
 
     def save(self, row):
         """Atomic: state.json (config, stats, every fitness), log.csv, latest.pt, best.pt."""
+        # A resumed run may span commits: name each, in the order its generations ran.
+        commits = list(dict.fromkeys(h.get("commit", "unknown") for h in self.history))
         meta = {"stages": self.cfg.stages, "generations_done": len(self.history),
-                "provenance": provenance(evolve_config=asdict(self.cfg))}
+                "commits": commits, "provenance": provenance(evolve_config=asdict(self.cfg))}
         mean = torch.as_tensor(self.es.mean, dtype=torch.float32)
         namm.save_namm(self.out / "latest.pt", self.cfg.scorer, mean, self.stats,
                        self.cfg.n_up, meta)
@@ -179,10 +181,11 @@ class Evolution:
             with open(tmp, "w", newline="") as f:
                 writer = csv.writer(f)
                 writer.writerow(["generation", "stage", "best", "mean", "mean_eval",
-                                 "mean_tokens", "wall"])
+                                 "mean_tokens", "wall", "commit"])
                 for h in self.history:
                     writer.writerow([h["generation"], h["stage"], h["best"], h["mean"],
-                                     h["mean_eval"], h["mean_tokens"], h["wall"]])
+                                     h["mean_eval"], h["mean_tokens"], h["wall"],
+                                     h.get("commit", "unknown")])
 
     @classmethod
     def resume(cls, out, device="cpu", workers=1):

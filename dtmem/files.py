@@ -59,6 +59,13 @@ def write_json(path, obj):
 
 
 def git_commit():
+    """The commit of the code this process runs (+dirty for uncommitted changes to tracked
+    files): read once, at import, so that a long run that outlives a commit, or a
+    checkpoint saved after one, still names the code that made it."""
+    return _COMMIT_AT_IMPORT
+
+
+def _read_git_commit():
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, timeout=10)
@@ -82,3 +89,6 @@ def provenance(**extra):
                     "python": platform.python_version(), "torch": str(torch.__version__)},
         **extra,
     }
+
+
+_COMMIT_AT_IMPORT = _read_git_commit()

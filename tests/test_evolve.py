@@ -27,11 +27,13 @@ def tiny(**overrides):
                                   "eval_mean_every": 2, "mean_episodes": 1, **overrides})
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(shipped, tmp_path):
+def test_interrupted_and_resumed_equals_uninterrupted(shipped, tmp_path, monkeypatch):
     straight = evolve.Evolution(tiny(), tmp_path / "a")
     straight.run(progress=False)
+    monkeypatch.setattr(evolve, "git_commit", lambda: "before")
     first = evolve.Evolution(tiny(), tmp_path / "b")
     first.run(progress=False, stop_after=2)
+    monkeypatch.setattr(evolve, "git_commit", lambda: "after")  # resumed on newer code
     resumed = evolve.Evolution.resume(tmp_path / "b")
     assert len(resumed.history) == 2
     resumed.run(progress=False)
@@ -39,6 +41,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(shipped, tmp_path):
     assert [h["fitness"] for h in straight.history] == [h["fitness"] for h in resumed.history]
     log = (tmp_path / "b" / "log.csv").read_text().splitlines()
     assert log[0].startswith("generation,stage,best,mean,mean_eval") and len(log) == 4
+    assert [line.split(",")[-1] for line in log] == ["commit", "before", "before", "after"]
+    meta = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)["meta"]
+    assert meta["commits"] == ["before", "after"]
     state = json.loads((tmp_path / "b" / "state.json").read_text())
     assert state["history"][1]["mean_eval"] is not None  # every 2 generations
     assert (tmp_path / "b" / "best.pt").exists() and (tmp_path / "b" / "latest.pt").exists()
