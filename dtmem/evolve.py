@@ -68,6 +68,24 @@ def _cma():
     return cma
 
 
+def es_recipe(es):
+    """What the CMA-ES does, read off the strategy itself: stored in state.json and in the
+    meta of every NAMM it makes. pycma's CSA has cs = (mueff + 2) / (N + mueff + 3) where
+    the original has N + mueff + 5 (0.05% apart at N = 4172); the rest (log-rank weights on
+    the better half, active negative weights on the worse half, damps, cc, c1, cmu, unit
+    mean learning rate, full covariance) is the original's."""
+    weights = np.asarray(es.sp.weights)
+    return {"library": f"cma {_cma().__version__}",
+            "step_size_rule": type(es.adapt_sigma).__name__.removeprefix("CMAAdaptSigma"),
+            "cs": float(es.adapt_sigma.cs), "damps": float(es.adapt_sigma.damps),
+            "popsize": int(es.sp.popsize), "mu": int(es.sp.weights.mu),
+            "mueff": float(es.sp.weights.mueff), "negative_weights": int((weights < 0).sum()),
+            "cc": float(es.sp.cc), "c1": float(es.sp.c1), "cmu": float(es.sp.cmu),
+            "cmean": float(es.sp.cmean), "sigma0": float(es.sigma0),
+            "mean_shift_samples": bool(es.mean_shift_samples),
+            "covariance": "diagonal" if es.opts["CMA_diagonal"] is True else "full"}
+
+
 class Evolution:
     def __init__(self, cfg: EvolveConfig, out, device="cpu", workers=1):
         for name in ("generations", "population", "episodes", "eval_mean_every",
@@ -87,9 +105,15 @@ class Evolution:
                 raise UserError(f"no shipped DT for {task.name}; build it with "
                                 "scripts/build_suite.py")
             self.models[task.name] = (task, *load_model(path, device))
-        self.es = _cma().CMAEvolutionStrategy(
+        cma = _cma()
+        # pycma switches to TPA step-size adaptation by itself from dimension 300 on (and
+        # then spends 2 members per generation on mean-shift probes); the original NAMM
+        # code adapts sigma by CSA, so CSA is asked for by name.
+        self.es = cma.CMAEvolutionStrategy(
             np.zeros(self.n_params), cfg.sigma,
-            {"popsize": cfg.population, "seed": cfg.seed + 1, "verbose": -9})
+            {"popsize": cfg.population, "seed": cfg.seed + 1, "verbose": -9,
+             "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA})
+        self.recipe = es_recipe(self.es)
         self.history = []  # per generation: {"stage", "fitness": [...], ...}
         self.stats = None
         self.best_mean_fitness = None
@@ -164,7 +188,8 @@ class Evolution:
         # A resumed run may span commits: name each, in the order its generations ran.
         commits = list(dict.fromkeys(h.get("commit", "unknown") for h in self.history))
         meta = {"stages": self.cfg.stages, "generations_done": len(self.history),
-                "commits": commits, "provenance": provenance(evolve_config=asdict(self.cfg))}
+                "commits": commits, "cma_es": self.recipe,
+                "provenance": provenance(evolve_config=asdict(self.cfg))}
         mean = torch.as_tensor(self.es.mean, dtype=torch.float32)
         namm.save_namm(self.out / "latest.pt", self.cfg.scorer, mean, self.stats,
                        self.cfg.n_up, meta)
@@ -175,7 +200,8 @@ class Evolution:
                            self.cfg.n_up, {**meta, "mean_eval": row["mean_eval"]})
         mean_, var, count = self.stats
         write_json(self.out / "state.json", {
-            "config": asdict(self.cfg), "stats": [mean_.tolist(), var.tolist(), int(count)],
+            "config": asdict(self.cfg), "cma_es": self.recipe,
+            "stats": [mean_.tolist(), var.tolist(), int(count)],
             "best_mean_fitness": self.best_mean_fitness, "history": self.history})
         with atomic_path(self.out / "log.csv") as tmp:
             with open(tmp, "w", newline="") as f:
@@ -198,6 +224,9 @@ class Evolution:
             run = cls(EvolveConfig(**state["config"]), out, device, workers)
         except (ValueError, TypeError, KeyError) as e:
             raise UserError(f"{path} is corrupt ({type(e).__name__})") from None
+        if state.get("cma_es") != run.recipe:
+            raise UserError(f"{path} was made by another CMA-ES recipe ({state.get('cma_es')}); "
+                            "resume it with the code that made it, or start a new run")
         mean, var, count = state["stats"]
         run.stats = (torch.tensor(mean), torch.tensor(var), count)
         for row in state["history"]:

@@ -76,14 +76,13 @@ BAM_LAYOUT = {
     "read_b": (4171, 4172, (1,)),
 }
 BAM_PARAMS = 4172
-MLP_HIDDEN = 64  # the MLP variant's size is not published; ours has one hidden layer
+# The MLP ablation as the original code builds it with hidden_depth 1: a single linear
+# read-out of the 25 features with a bias (no hidden layer, no cross-token view).
 MLP_LAYOUT = {
-    "w1": (0, 1600, (N_FEATURES, MLP_HIDDEN)),
-    "b1": (1600, 1664, (MLP_HIDDEN,)),
-    "w2": (1664, 1728, (MLP_HIDDEN,)),
-    "b2": (1728, 1729, (1,)),
+    "w": (0, 25, (N_FEATURES,)),
+    "b": (25, 26, (1,)),
 }
-MLP_PARAMS = 1729
+MLP_PARAMS = 26
 
 
 def unpack(params, layout):
@@ -136,10 +135,9 @@ def _bam(params, x):
 
 
 def mlp_scores(params, x, lengths=None):
-    """The MLP ablation: the same features, scored token by token (no cross-token view)."""
+    """The MLP ablation: the same features, each token scored alone by a linear read-out."""
     p = unpack(params, MLP_LAYOUT)
-    hidden = torch.relu(torch.bmm(x, p["w1"]) + p["b1"][:, None])
-    return (hidden * p["w2"][:, None]).sum(-1) + p["b2"]
+    return (x * p["w"][:, None]).sum(-1) + p["b"]
 
 
 SCORERS = {"bam": (bam_scores, BAM_PARAMS), "mlp": (mlp_scores, MLP_PARAMS)}

@@ -91,3 +91,21 @@ def test_parallel_workers_give_the_same_fitness(shipped, tmp_path):
     a = serial.evaluate(members, cfg.stages[0], 1, seed=3)[0]
     b = parallel.evaluate(members, cfg.stages[0], 1, seed=3)[0]
     assert np.array_equal(a, b)
+
+
+def test_step_size_is_adapted_by_csa_as_published(shipped, tmp_path):
+    run = evolve.Evolution(tiny(population=32), tmp_path / "g")
+    assert run.recipe["step_size_rule"] == "CSA" and not run.recipe["mean_shift_samples"]
+    assert run.recipe["cs"] == pytest.approx(0.00267, abs=1e-5)  # the original's value
+    assert run.recipe["damps"] == pytest.approx(1.00267, abs=1e-5)
+    assert run.recipe["mu"] == 16 and run.recipe["negative_weights"] == 16
+    # Each generation moves sigma by the CSA rule, exp(cs / damps * (|p_sigma| / chi_n - 1)),
+    # from the evolution path it keeps (TPA, pycma's own choice at this size, would not).
+    for _ in range(3):
+        sigma = run.es.sigma
+        candidates = run.es.ask()
+        run.es.tell(candidates, [float(np.sum(np.square(c))) for c in candidates])
+        path = np.linalg.norm(run.es.adapt_sigma.ps)
+        expected = sigma * np.exp(run.recipe["cs"] / run.recipe["damps"]
+                                  * (path / run.es.const.chiN - 1))
+        assert run.es.sigma == pytest.approx(expected, rel=1e-9)

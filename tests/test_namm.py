@@ -119,6 +119,20 @@ def test_zero_parameters_keep_everything_and_collect_statistics():
     assert policy.stats[2] > 0 and torch.isfinite(policy.stats[0]).all()
 
 
+@pytest.mark.parametrize("n_up", [48, 64])
+def test_tokens_without_attention_are_neither_scored_nor_counted_in_statistics(n_up):
+    # A scorer that would evict everything: only the newest token and the tokens that
+    # arrived after the update's n_up queries may remain, and the statistics count only
+    # tokens with at least one frame of attention (2 layers, 2 slots, 1 head).
+    policy = make_policy("namm", 20, 3000, n_up=n_up)
+    first_update = next(t for t in range(40) if 2 + 3 * t >= n_up)
+    unseen = 2 + 3 * first_update - n_up
+    cache, held = decode_steps(policy, steps=first_update + 1,
+                               params=torch.stack([bias_only(-1.0)] * 2))
+    assert int(policy.stats[2]) == 2 * 2 * n_up
+    assert held[first_update].tolist() == [[max(unseen, 1)] * 2] * 2
+
+
 def test_each_token_ema_is_built_from_exactly_the_attention_it_received():
     """The policy's buffers (pending query columns, leftovers past n_up, carried-over
     tails, tokens arriving mid-period) against a reference that sees only the attention
@@ -162,12 +176,13 @@ def test_each_token_ema_is_built_from_exactly_the_attention_it_received():
                 assert np.allclose(state, ema, atol=1e-6), (layer, slot, token)
 
 
-def test_negative_scores_evict_all_but_the_newest_at_each_update_per_slot():
+def test_negative_scores_evict_all_but_the_unscored_newest_at_each_update_per_slot():
     policy = make_policy("namm", 20, 3000, n_up=48)
     params = torch.stack([bias_only(0.0), bias_only(-1.0)])  # slot 0 keeps, slot 1 forgets
     cache, held = decode_steps(policy, steps=40, params=params)
-    # n_up = 48 queries: the first update follows step 16 (2 + 15 * 3 + 3 = 50 >= 48).
-    assert int(held[15, :, 1].max()) == 47 and int(held[16, :, 1].max()) == 1
+    # n_up = 48 queries: the first update follows step 16 (2 + 15 * 3 + 3 = 50 >= 48); the
+    # two tokens after the 48th query (R_16, s_16) have no attention yet and stay unscored.
+    assert int(held[15, :, 1].max()) == 47 and int(held[16, :, 1].max()) == 2
     assert int(held[-1, :, 0].min()) == 3 * 40 - 1
     kept = cache.arrival[0, 1][cache.valid[0, 1]]
     assert int(kept.max()) == int(cache.n_arrived[1]) - 1

@@ -110,6 +110,15 @@ class NAMM(MemoryPolicy):
         # A token that arrived in this period has no attention before its own query.
         offset = (arrival - self.period_start[slot]).clamp(min=0)
         first_frame = (offset // namm.HOP).repeat_interleave(H)
+        # Tokens that arrived after this update's n_up queries (a DT step's 3 tokens do not
+        # align with n_up: with n_up = 96, R_t and s_t wait for the next update) have received
+        # no attention yet. The original never scores such a token (in the LLM every token of
+        # an update arrives within its queries), so they are kept unscored, as the newest
+        # token is, and left out of the scorer's input and the normalisation statistics.
+        # They are the newest tokens, so each group's scored tokens stay a prefix.
+        unseen = offset >= n_up  # [N]
+        scored_lengths = lengths - (cache.n_arrived[due] - self.period_start[due]
+                                    - n_up).clamp(min=0)  # [L, U]
         ema = namm.ema_update(emas[layer, slot, pos].reshape(-1, namm.N_BINS), frames,
                               first_frame).reshape(-1, H, namm.N_BINS)  # [N, H, 17]
         emas[layer, slot, pos] = ema
@@ -121,9 +130,10 @@ class NAMM(MemoryPolicy):
         self.period_start[due] += n_up
 
         if self.collect_stats:  # pooled over layers, slots, heads and calls
-            values = ema.reshape(-1, namm.N_BINS)
-            batch = (values.mean(0), values.var(0, unbiased=False), len(values))
-            self.stats = namm.merge_stats(self.stats, batch)
+            values = ema[~unseen].reshape(-1, namm.N_BINS)
+            if len(values):
+                batch = (values.mean(0), values.var(0, unbiased=False), len(values))
+                self.stats = namm.merge_stats(self.stats, batch)
         age = cache.n_arrived[slot] - 1 - arrival
         features = torch.cat([namm.recency(age)[:, None].expand(-1, H, -1),
                               namm.standardise(ema, self.stats)], dim=-1)  # [N, H, 25]
@@ -133,13 +143,14 @@ class NAMM(MemoryPolicy):
         params = (params[due] if params.dim() == 2 else params.expand(U, -1))
         params = params[None, :, None].expand(L, -1, H, -1).reshape(-1, self.n_params)
         scores = self.score_fn(params, padded.reshape(-1, span, namm.N_FEATURES),
-                               lengths[..., None].expand(-1, -1, H).reshape(-1))
+                               scored_lengths[..., None].expand(-1, -1, H).reshape(-1))
         scores = scores.reshape(L, U, H, span).amax(2).masked_fill(~valid, float("-inf"))
-        newest = valid & (cache.arrival[:, due, :span]
-                          == (cache.n_arrived[due] - 1)[None, :, None])
-        keep = (scores >= 0) | newest
+        protected = valid & (cache.arrival[:, due, :span]
+                             == (cache.n_arrived[due] - 1)[None, :, None])  # the newest
+        protected[layer[unseen], member[unseen], pos[unseen]] = True
+        keep = (scores >= 0) | protected
         if self.cap is not None:
-            rank = scores.masked_fill(newest, float("inf")).argsort(
+            rank = scores.masked_fill(protected, float("inf")).argsort(
                 dim=-1, descending=True).argsort(dim=-1)
             keep &= rank < self.cap
         evict = torch.zeros_like(cache.valid)
