@@ -94,7 +94,7 @@ class Evolution:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
         if cfg.scorer not in namm.SCORERS:
             raise UserError(f"unknown scorer {cfg.scorer!r}; use bam or mlp")
-        self.cfg, self.out, self.device, self.workers = cfg, Path(out), device, workers
+        self.cfg, self.out, self.device, self.workers = cfg, out and Path(out), device, workers
         self.policy_name = namm.SCORER_POLICIES[cfg.scorer]
         self.n_params = namm.SCORERS[cfg.scorer][1]
         self.models = {}
@@ -130,7 +130,7 @@ class Evolution:
                 outcomes = list(pool.map(_evaluate_task, *zip(*jobs)))
         else:
             outcomes = [_evaluate_task(*job) for job in jobs]
-        scores = np.mean([score for score, _, _ in outcomes], axis=0)
+        scores = np.mean([score.mean(1) for score, _, _ in outcomes], axis=0)
         tokens = float(np.mean([r.mean_tokens for _, results, _ in outcomes for r in results]))
         stats = self.stats
         if stats is None:  # collecting: pool what every task's rollout saw
@@ -138,6 +138,12 @@ class Evolution:
             for _, _, more in outcomes[1:]:
                 stats = namm.merge_stats(stats, more)
         return scores, tokens, stats
+
+    def episode_scores(self, member_params, task, episodes, seed):
+        """[members, episodes] normalised scores on one task (frozen statistics)."""
+        scores, _, _ = _evaluate_task(*self.models[task], self.policy_name, self.cfg.n_up,
+                                      self.stats, member_params, episodes, seed)
+        return scores
 
     def collect_stats(self):
         """Standardisation statistics from the all-zero NAMM (which keeps everything) on
@@ -239,7 +245,8 @@ class Evolution:
 def _evaluate_task(task, model, payload, policy_name, n_up, stats, member_params, episodes,
                    seed):
     """One task's batched rollout of every member: slot = member x episode, and every
-    member meets env seeds seed .. seed + episodes - 1. Module-level, for worker processes."""
+    member meets env seeds seed .. seed + episodes - 1. Returns per-episode scores
+    [members, episodes], the results, the statistics. Module-level, for worker processes."""
     torch.set_num_threads(1)
     members = len(member_params)
     policy = POLICIES[policy_name](None, 3 * task.max_episode_steps, n_up=n_up)
@@ -250,5 +257,5 @@ def _evaluate_task(task, model, payload, policy_name, n_up, stats, member_params
     seeds = [seed + i % episodes for i in range(members * episodes)]
     results, _ = rollout(model, payload["state_mean"], payload["state_std"], task, policy_name,
                          episodes=members * episodes, seeds=seeds, memory=policy)
-    scores = np.array([r.score for r in results]).reshape(members, episodes).mean(1)
+    scores = np.array([r.score for r in results]).reshape(members, episodes)
     return scores, results, policy.stats

@@ -77,12 +77,31 @@ def _read_git_commit():
     return commit + ("+dirty" if dirty.strip() and commit != "unknown" else "")
 
 
+def relative_to_root(path):
+    """A path as results and metas record it: relative to the repository when inside it,
+    so that nothing committed names a directory of the machine that made it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def command_line():
+    """This process's command, with the repository's own paths made relative to it and an
+    installed console script (e.g. .../bin/dtmem) named by its name."""
+    program = Path(sys.argv[0])
+    words = [program.name if program.is_absolute() and relative_to_root(program) == str(program)
+             else relative_to_root(program)]
+    return " ".join(words + [relative_to_root(a) if a.startswith("/") else a
+                             for a in sys.argv[1:]])
+
+
 def provenance(**extra):
     """Who made a result and how: command, commit, date, machine, plus `extra`."""
     import torch
 
     return {
-        "command": " ".join(sys.argv),
+        "command": command_line(),
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(),
