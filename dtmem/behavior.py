@@ -1,6 +1,6 @@
 """Behaviour policies that generate offline datasets, runnable with numpy alone.
 
-Policies are trained elsewhere (scripts/train_behavior.py, with Stable-Baselines3)
+Policies are trained elsewhere (dtmem/ppo.py, with Stable-Baselines3)
 and exported to a plain .npz so that collecting data never needs torch or SB3,
 and loading a policy file never executes code from it.
 """

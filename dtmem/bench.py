@@ -12,10 +12,13 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 
-from dtmem.memory import POLICIES, make_policy
-from dtmem.memory.namm import DEFAULT_N_UP
-from dtmem.namm import DEFAULT_FILES, SHIPPED_DIR
-from dtmem.rollout import timed_rollout
+from dtmem.checkpoints import Checkpoint, shipped_path
+from dtmem.errors import UserError
+from dtmem.memory import POLICIES, PolicySpec
+from dtmem.memory.namm import DEFAULT_N_UP, policy_for_scorer
+from dtmem.memory.namm.scorers import SCORERS
+from dtmem.results import build_policy
+from dtmem.rollout import rollout
 from dtmem.tasks import Task, make_env
 
 
@@ -49,16 +52,20 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _measure(model, state_mean, state_std, task, policy, slots, threads):
+def bench_checkpoint(task: Task, path=None, device="cpu"):
+    """The DT to time: --checkpoint, else the task's shipped one, else an untrained DT of
+    the default size (speed does not depend on the weights, only on episode lengths)."""
+    if path or shipped_path(task.name).exists():
+        return Checkpoint.for_task(task, path, device)
+    return Checkpoint.untrained(task, device)
+
+
+def _measure(checkpoint, task, policy, slots, threads):
     torch.set_num_threads(threads)
-    memory = None
-    if policy in DEFAULT_FILES and (SHIPPED_DIR / DEFAULT_FILES[policy]).exists():
-        # A NAMM's cost depends on how much it keeps: time the shipped one, not the
-        # all-zero network (which keeps everything) used where none ships.
-        memory = make_policy(policy, model.cfg.context_steps, 3 * task.max_episode_steps,
-                             namm_file=SHIPPED_DIR / DEFAULT_FILES[policy])
-    results, steps, wall = timed_rollout(model, state_mean, state_std, task, policy,
-                                         episodes=slots, slots=slots, seed=0, memory=memory)
+    begin = time.perf_counter()
+    results, steps = rollout(checkpoint.model, checkpoint.state_mean, checkpoint.state_std,
+                             task, policy, episodes=slots, slots=slots, seed=0)
+    wall = time.perf_counter() - begin
     floor = env_floor(task, [r.length for r in results], slots)
     return steps, wall, floor, peak_rss_mib()
 
@@ -73,17 +80,23 @@ def memory_configs(slot_counts=(32, 64)):
     return [(p, n) for n in slot_counts for p in ["full", *sorted(set(POLICIES) - {"full"})]]
 
 
-def run_bench(model, state_mean, state_std, task: Task, configs):
+def run_bench(checkpoint, task: Task, configs):
     """Rows of (policy, slots, env steps, seconds, floor seconds, peak MiB), one per
     (policy, slots) config. Each row runs in a fresh process, so that its peak memory is
-    its own; policies with a budget keep their default (3K tokens)."""
+    its own; policies with a budget keep their default (3K tokens), NAMMs run their
+    shipped file (a NAMM's cost depends on how much it keeps) and are skipped without one."""
     rows = []
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
-        for policy, slots in configs:
-            rows.append((policy, slots, *pool.submit(
-                _measure, model, state_mean, state_std, task, policy, slots,
-                torch.get_num_threads()).result()))
+        for name, slots in configs:
+            try:
+                policy = build_policy(PolicySpec(name), checkpoint, task)
+            except UserError as e:
+                print(f"({name}: skipped, {e})")
+                continue
+            print(f"timing {name} at {slots} slots on {task.name}", flush=True)
+            rows.append((name, slots, *pool.submit(
+                _measure, checkpoint, task, policy, slots, torch.get_num_threads()).result()))
     return rows
 
 
@@ -112,11 +125,6 @@ def print_memory_bench(rows):
     for policy, slots, steps, wall, _, peak in rows:
         print(f"{policy:10} {slots:5d} {steps / wall:9.0f} "
               f"{wall / steps / full[slots]:21.2f} {peak:9.0f}")
-    for policy, name in DEFAULT_FILES.items():
-        shipped = (SHIPPED_DIR / name).exists()
-        print(f"({policy}: " + (f"the shipped data/namm/{name})" if shipped else
-                                "no NAMM ships, so the all-zero network, which keeps every "
-                                "token: its worst case)"))
 
 
 def cache_bytes(model, slots, tokens):
@@ -124,20 +132,18 @@ def cache_bytes(model, slots, tokens):
     return 2 * cfg.n_layer * slots * tokens * cfg.n_embd * torch.finfo(torch.float32).bits // 8
 
 
-def bench_generation(model, state_mean, state_std, task: Task, population=32, episodes=2,
-                     scorer="bam", n_up=DEFAULT_N_UP):
+def bench_generation(checkpoint, task: Task, population=32, episodes=2, scorer="bam",
+                     n_up=DEFAULT_N_UP):
     """Wall time of one evolution generation (every member in one batched rollout, members
     drawn as CMA-ES draws its first generation) and the env floor of the same episodes."""
     from dtmem.evolve import _evaluate_task
-    from dtmem.namm import SCORER_POLICIES, SCORERS
 
-    payload = {"state_mean": state_mean, "state_std": state_std}
-    policy = SCORER_POLICIES[scorer]
+    policy = policy_for_scorer(scorer)
     zero = np.zeros((1, SCORERS[scorer][1]))
-    _, _, stats = _evaluate_task(task, model, payload, policy, n_up, None, zero, 1, 0)
+    _, _, stats = _evaluate_task(task, checkpoint, policy, n_up, None, zero, 1, 0)
     members = np.random.default_rng(0).normal(0, 0.065, (population, SCORERS[scorer][1]))
     begin = time.perf_counter()
-    _, results, _ = _evaluate_task(task, model, payload, policy, n_up, stats, members,
+    _, results, _ = _evaluate_task(task, checkpoint, policy, n_up, stats, members,
                                    episodes, 1000)
     wall = time.perf_counter() - begin
     return wall, env_floor(task, [r.length for r in results], population * episodes), results

@@ -1,15 +1,16 @@
-"""Decision Transformer checkpoints: atomic saves, safe loads (no code runs from a file)."""
+"""Decision Transformer checkpoints: atomic saves, safe loads (no code runs from a file),
+and `Checkpoint`, the one way a DT travels through dtmem: model, state normaliser, the
+task and dataset it was trained on, and the file's hash."""
 
-import pickle
-import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dtmem.errors import UserError
-from dtmem.files import atomic_path
+from dtmem.files import atomic_path, relative_to_root, safe_load, sha256
 from dtmem.model import DecisionTransformer, DTConfig
-from dtmem.tasks import ROOT
+from dtmem.tasks import ROOT, Task, all_tasks, make_env
 
 SHIPPED_DIR = ROOT / "data" / "checkpoints"  # data/checkpoints/<task>.pt, used by default
 
@@ -35,28 +36,84 @@ def save_checkpoint(path, model, *, task, dataset_id, state_mean, state_std, ste
 
 
 def read_checkpoint(path):
-    """The checkpoint's dict. weights_only=True: tensors and plain containers only."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; train one with `dtmem train`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError,
-            OSError) as e:
-        raise UserError(f"checkpoint {path} is corrupt or not a dtmem checkpoint "
-                        f"({type(e).__name__}); retrain or restore it") from None
+    """The checkpoint's dict, loaded safely (no code from the file runs)."""
+    payload = safe_load(path, "checkpoint", "train one with `dtmem train` or restore it")
     if not isinstance(payload, dict) or payload.get("format") != "dtmem-dt-1":
         raise UserError(f"checkpoint {path} is not a dtmem Decision Transformer checkpoint")
     return payload
 
 
-def load_model(path, device="cpu"):
-    """(model in eval mode, checkpoint dict)."""
-    payload = read_checkpoint(path)
-    try:
-        model = DecisionTransformer(DTConfig(**payload["config"]))
-        model.load_state_dict(payload["model"])
-    except (TypeError, KeyError, RuntimeError) as e:
-        raise UserError(f"checkpoint {path} has a malformed model ({type(e).__name__}); "
-                        "retrain or restore it") from None
-    return model.to(device).eval(), payload
+def shipped_path(task_name):
+    return SHIPPED_DIR / f"{task_name}.pt"
+
+
+@dataclass
+class Checkpoint:
+    """A trained DT in eval mode with what it needs at rollout time and where it came from."""
+
+    model: DecisionTransformer
+    state_mean: torch.Tensor  # [state_dim], the training data's statistics
+    state_std: torch.Tensor
+    task: str  # the task it was trained on
+    dataset_id: str
+    steps: int  # gradient updates
+    path: Path
+    sha256: str
+    provenance: dict
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        payload = read_checkpoint(path)
+        try:
+            model = DecisionTransformer(DTConfig(**payload["config"]))
+            model.load_state_dict(payload["model"])
+            return cls(model.to(device).eval(), payload["state_mean"], payload["state_std"],
+                       payload["task"], payload["dataset_id"], payload["steps"], Path(path),
+                       sha256(path), payload.get("provenance", {}))
+        except (TypeError, KeyError, RuntimeError) as e:
+            raise UserError(f"checkpoint {path} has a malformed model ({type(e).__name__}); "
+                            "retrain or restore it") from None
+
+    @classmethod
+    def shipped(cls, task_name, device="cpu"):
+        """The DT shipped for a task (data/checkpoints/<task>.pt)."""
+        path = shipped_path(task_name)
+        if not path.exists():
+            raise UserError(f"no shipped DT for {task_name}; train one with `dtmem train "
+                            f"--task {task_name}` and pass --checkpoint, or build the suite "
+                            "with scripts/build_suite.py --stages dts")
+        return cls.load(path, device)
+
+    @classmethod
+    def for_task(cls, task: Task, path=None, device="cpu"):
+        """`path`, or the task's shipped DT; either way it must fit the task's env."""
+        checkpoint = cls.load(path, device) if path else cls.shipped(task.name, device)
+        checkpoint.check_fits(task)
+        return checkpoint
+
+    @classmethod
+    def untrained(cls, task: Task, device="cpu"):
+        """A DT of the default size with seeded random weights (for speed measurements)."""
+        env = make_env(task)
+        dims = env.observation_space.shape[0], env.action_space.shape[0]
+        torch.manual_seed(0)
+        model = DecisionTransformer(DTConfig(*dims)).to(device).eval()
+        return cls(model, torch.zeros(dims[0]), torch.ones(dims[0]), task.name, "none", 0,
+                   None, "", {})
+
+    def check_fits(self, task: Task):
+        cfg = self.model.cfg
+        trained_on = all_tasks().get(self.task)
+        env = make_env(task)
+        dims = (env.observation_space.shape[0], env.action_space.shape[0])
+        if trained_on is None or trained_on.env != task.env or dims != (cfg.state_dim,
+                                                                          cfg.act_dim):
+            raise UserError(f"checkpoint {self.path} was trained on {self.task} (state "
+                            f"{cfg.state_dim}, action {cfg.act_dim}) and does not fit "
+                            f"{task.env_id} (state {dims[0]}, action {dims[1]})")
+
+    def record(self):
+        """What a results file says about the DT behind it."""
+        return {"checkpoint": relative_to_root(self.path), "checkpoint_sha256": self.sha256,
+                "checkpoint_task": self.task, "dataset_id": self.dataset_id,
+                "checkpoint_steps": self.steps}

@@ -217,55 +217,26 @@ def cmd_train(args):
     train(cfg, out, resume=args.resume, device=args.device, download=args.download)
 
 
-def load_for_task(checkpoint, task, device):
-    """The DT for a task: --checkpoint or the shipped one; it must fit the task's env."""
-    from dtmem.checkpoints import SHIPPED_DIR, load_model
-    from dtmem.tasks import make_env
-
-    path = Path(checkpoint) if checkpoint else SHIPPED_DIR / f"{task.name}.pt"
-    if checkpoint is None and not path.exists():
-        raise UserError(f"no shipped checkpoint for {task.name}; train one with "
-                        f"`dtmem train --task {task.name}` and pass --checkpoint")
-    model, payload = load_model(path, device)
-    trained_on = all_tasks().get(payload["task"])
-    env = make_env(task)
-    dims = (env.observation_space.shape[0], env.action_space.shape[0])
-    if trained_on is None or trained_on.env != task.env or dims != (
-            model.cfg.state_dim, model.cfg.act_dim):
-        raise UserError(f"checkpoint {path} was trained on {payload['task']} (state "
-                        f"{model.cfg.state_dim}, action {model.cfg.act_dim}) and does not fit "
-                        f"{task.env_id} (state {dims[0]}, action {dims[1]})")
-    return model, payload, path
-
-
 def cmd_rollout(args):
     import torch
 
+    from dtmem.checkpoints import Checkpoint
     from dtmem.files import ensure_writable, write_json
-    from dtmem.memory import load_policy_file, make_policy
-    from dtmem.rollout import rollout_cell
-    from dtmem.train import pick_device
+    from dtmem.memory import PolicySpec, load_policy_file
+    from dtmem.results import run_cell
+    from dtmem.runtime import pick_device
 
     torch.set_num_threads(args.threads)
     task = resolve_task(args.env, args.task)
     if args.policy_file:
         load_policy_file(args.policy_file)
-    namm_file = None
-    if args.policy.startswith("namm"):
-        namm_file = args.namm or namm_default(args.policy)
-    elif args.namm:
-        raise UserError("--namm goes with --policy namm or namm-mlp")
-    if args.policy != "recompute":
-        # Fail on a bad policy, budget or NAMM file before any work.
-        make_policy(args.policy, 20, 3 * task.max_episode_steps, args.budget, args.ratio,
-                    **({"namm_file": namm_file} if namm_file else {}))
-    elif args.budget is not None or args.ratio is not None:
-        raise UserError("policy 'recompute' takes no --budget or --ratio")
+    spec = PolicySpec(args.policy, args.budget, args.ratio,
+                      {"namm_file": args.namm} if args.namm else {})
     if args.json:
         ensure_writable(args.json)
-    model, payload, path = load_for_task(args.checkpoint, task, pick_device(args.device))
-    cell = rollout_cell(model, payload, path, task, args.policy, args.episodes, args.seed,
-                        args.slots, args.target_return, args.budget, args.ratio, namm_file)
+    checkpoint = Checkpoint.for_task(task, args.checkpoint, pick_device(args.device))
+    cell = run_cell(checkpoint, task, spec, args.episodes, args.seed, args.slots,
+                    args.target_return)
     summary = cell["summary"]
     lo, hi = summary["score_ci95"]
     print(f"{task.name} {args.policy}: normalised score {summary['mean_score']:.1f} "
@@ -282,7 +253,7 @@ def cmd_evolve(args):
     import torch
 
     from dtmem.evolve import Evolution, EvolveConfig
-    from dtmem.train import pick_device
+    from dtmem.runtime import pick_device
 
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -305,7 +276,8 @@ def cmd_evolve(args):
 
 
 def cmd_report(args):
-    from dtmem.report import load_cells, markdown, summarise, write_report
+    from dtmem.report import markdown, summarise, write_report
+    from dtmem.results import load_cells
 
     cells = load_cells(args.results, args.episodes, require_shipped=not args.any_checkpoint)
     rows = summarise(cells, args.episodes)
@@ -314,46 +286,34 @@ def cmd_report(args):
     print(f"wrote {args.out}/report.json, report.csv and report.md")
 
 
-def namm_default(policy="namm"):
-    from dtmem.namm import DEFAULT_FILES, SHIPPED_DIR
-
-    path = SHIPPED_DIR / DEFAULT_FILES[policy]
-    if not path.exists():
-        raise UserError(f"no {policy} NAMM is shipped ({path}); evolve one with "
-                        "scripts/evolve.py and pass --namm FILE")
-    return path
-
-
 def cmd_namm_import(args):
-    from dtmem.files import provenance
-    from dtmem.namm import import_original, save_namm
+    from dtmem.files import provenance, relative_to_root
+    from dtmem.memory.namm.io import import_original, save_namm
 
     params, stats = import_original(args.checkpoint)
     save_namm(args.out, "bam", params, stats, args.n_up,
-              {"source": f"imported from {args.checkpoint}", "provenance": provenance()})
+              {"source": f"imported from {relative_to_root(args.checkpoint)}",
+               "provenance": provenance()})
     print(f"wrote {args.out}: BAM NAMM, {params.numel()} parameters, statistics of "
           f"{stats[2]} samples, n_up {args.n_up}")
 
 
 def cmd_namm_inspect(args):
-    import numpy as np
-
     from dtmem import plots
-    from dtmem.namm import namm_policy
+    from dtmem.checkpoints import Checkpoint
+    from dtmem.memory import PolicySpec
+    from dtmem.memory.namm import policy_for_file
+    from dtmem.memory.namm.io import shipped_file
 
     task = resolve_task(args.env, args.task)
-    path = args.namm or namm_default()
-    policy = namm_policy(path)
-    model, payload, _ = load_for_task(args.checkpoint, task, "cpu")
-    fractions = plots.kept_tokens(model, payload, task, path, policy, args.seed)
+    path = args.namm or shipped_file("default")
+    if args.out:
+        plots.pyplot()  # the figure needs matplotlib: find out before the episode
+    spec = PolicySpec(policy_for_file(path), options={"namm_file": path})
+    fractions = plots.kept_tokens(Checkpoint.for_task(task, args.checkpoint), task, spec,
+                                  args.seed)
     print(f"{task.name}, one episode (seed {args.seed}), {path}: fraction of tokens kept")
-    ages = [(0, 5), (5, 20), (20, fractions.shape[-1])]
-    print(f"{'layer':>5} {'kind':>13} " + " ".join(f"{f'age {a}-{b - 1}':>11}" for a, b in ages))
-    for layer in range(fractions.shape[0]):
-        for kind, name in plots.KIND_NAMES.items():
-            cells = [fractions[layer, kind, a:b] for a, b in ages]
-            print(f"{layer:5d} {name:>13} " + " ".join(
-                f"{np.mean(c):11.2f}" if len(c) else f"{'-':>11}" for c in cells))
+    print(plots.kept_table(fractions))
     if args.out:
         png = Path(args.out) / f"namm-kept-{task.name}.png"
         png.parent.mkdir(parents=True, exist_ok=True)
@@ -365,33 +325,22 @@ def cmd_bench(args):
     import torch
 
     from dtmem import bench
-    from dtmem.checkpoints import SHIPPED_DIR
-    from dtmem.model import DecisionTransformer, DTConfig
-    from dtmem.tasks import make_env
-    from dtmem.train import pick_device
+    from dtmem.runtime import pick_device
 
     torch.set_num_threads(args.threads)
     task = resolve_task(args.env, args.task)
     device = pick_device(args.device)
-    if args.checkpoint or (SHIPPED_DIR / f"{task.name}.pt").exists():
-        model, payload, path = load_for_task(args.checkpoint, task, device)
-        mean, std = payload["state_mean"], payload["state_std"]
-        print(f"checkpoint {path}")
-    else:
-        env = make_env(task)
-        dims = env.observation_space.shape[0], env.action_space.shape[0]
-        torch.manual_seed(0)
-        model = DecisionTransformer(DTConfig(*dims)).to(device).eval()
-        mean, std = torch.zeros(dims[0]), torch.ones(dims[0])
-        print("no checkpoint: an untrained DT of the default size (speed only)")
+    checkpoint = bench.bench_checkpoint(task, args.checkpoint, device)
+    print(f"checkpoint {checkpoint.path or 'none: an untrained DT of the default size'}")
     print(f"task {task.name}, torch threads {torch.get_num_threads()}, device {device}")
     if args.bench_command == "rollout":
-        rows = bench.run_bench(model, mean, std, task, bench.rollout_configs())
-        bench.print_bench(rows, bench.cache_bytes(model, 64, 3 * task.max_episode_steps))
+        rows = bench.run_bench(checkpoint, task, bench.rollout_configs())
+        bench.print_bench(rows, bench.cache_bytes(checkpoint.model, 64,
+                                                  3 * task.max_episode_steps))
     elif args.bench_command == "memory":
-        bench.print_memory_bench(bench.run_bench(model, mean, std, task, bench.memory_configs()))
+        bench.print_memory_bench(bench.run_bench(checkpoint, task, bench.memory_configs()))
     else:
-        wall, floor, results = bench.bench_generation(model, mean, std, task)
+        wall, floor, results = bench.bench_generation(checkpoint, task)
         steps = sum(r.length for r in results)
         print(f"one generation: 32 members x 2 episodes, {steps} env steps, {wall:.1f} s; "
               f"env stepping alone {floor:.1f} s; ratio {wall / floor:.2f}")
@@ -407,6 +356,23 @@ COMMANDS = {
 }
 
 
+def run_reporting_errors(action, prog=None):
+    """Run a command's work: bad input ends in one line on stderr and exit code 2, Ctrl-C
+    in 130, a closed pipe (e.g. `dtmem data list | head`) quietly in 0."""
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        action()
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv=None):
     try:
         parser = make_parser()
@@ -414,18 +380,7 @@ def main(argv=None):
     except SystemExit as e:  # argparse's own usage errors (already one line) and --help
         return e.code
     sub = getattr(args, f"{args.command}_command", None)
-    try:
-        COMMANDS[(args.command, sub)](args)
-    except UserError as e:
-        print(f"dtmem: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dtmem: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # e.g. `dtmem data list | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    return 0
+    return run_reporting_errors(lambda: COMMANDS[(args.command, sub)](args), "dtmem")
 
 
 if __name__ == "__main__":

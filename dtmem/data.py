@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from dtmem.errors import UserError
 from dtmem.files import git_commit
+from dtmem.runtime import progress_bar
 from dtmem.tasks import ROOT, Task, make_env
 
 POLICIES_DIR = ROOT / "data" / "policies"
@@ -168,8 +168,8 @@ def collect_episodes(task: Task, behavior, steps, seed=0, n_envs=16, progress=Tr
     for slot in range(n_envs):
         if more():
             launch(slot)
-    bar = tqdm(total=steps if max_episodes is None else None, desc=f"collect {task.name}",
-               unit="step", disable=not progress)
+    bar = progress_bar(total=steps if max_episodes is None else None,
+                       desc=f"collect {task.name}", unit="step", show=progress)
     while any(c is not None for c in current):
         active = [s for s in range(n_envs) if current[s] is not None]
         actions = behavior.act(obs[active], rng)

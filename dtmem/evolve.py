@@ -23,15 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from dtmem import namm
-from dtmem.checkpoints import SHIPPED_DIR, load_model
+from dtmem.checkpoints import Checkpoint
 from dtmem.errors import UserError
 from dtmem.files import atomic_path, git_commit, provenance, write_json
-from dtmem.memory import POLICIES
-from dtmem.memory.namm import DEFAULT_N_UP
+from dtmem.memory import PolicySpec
+from dtmem.memory.namm import DEFAULT_N_UP, policy_for_scorer
+from dtmem.memory.namm.features import merge_stats
+from dtmem.memory.namm.io import save_namm
+from dtmem.memory.namm.scorers import SCORERS
+from dtmem.results import build_policy
 from dtmem.rollout import rollout
+from dtmem.runtime import progress_bar
 from dtmem.tasks import resolve_task
 
 
@@ -92,19 +95,15 @@ class Evolution:
                      "mean_episodes"):
             if getattr(cfg, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
-        if cfg.scorer not in namm.SCORERS:
+        if cfg.scorer not in SCORERS:
             raise UserError(f"unknown scorer {cfg.scorer!r}; use bam or mlp")
         self.cfg, self.out, self.device, self.workers = cfg, out and Path(out), device, workers
-        self.policy_name = namm.SCORER_POLICIES[cfg.scorer]
-        self.n_params = namm.SCORERS[cfg.scorer][1]
+        self.policy_name = policy_for_scorer(cfg.scorer)
+        self.n_params = SCORERS[cfg.scorer][1]
         self.models = {}
         for task_name in sorted({t for stage in cfg.stages for t in stage}):
             task = resolve_task(task=task_name)
-            path = SHIPPED_DIR / f"{task.name}.pt"
-            if not path.exists():
-                raise UserError(f"no shipped DT for {task.name}; build it with "
-                                "scripts/build_suite.py")
-            self.models[task.name] = (task, *load_model(path, device))
+            self.models[task.name] = (task, Checkpoint.shipped(task.name, device))
         cma = _cma()
         # pycma switches to TPA step-size adaptation by itself from dimension 300 on (and
         # then spends 2 members per generation on mean-shift probes); the original NAMM
@@ -136,7 +135,7 @@ class Evolution:
         if stats is None:  # collecting: pool what every task's rollout saw
             stats = outcomes[0][2]
             for _, _, more in outcomes[1:]:
-                stats = namm.merge_stats(stats, more)
+                stats = merge_stats(stats, more)
         return scores, tokens, stats
 
     def episode_scores(self, member_params, task, episodes, seed):
@@ -160,7 +159,7 @@ class Evolution:
         total = cfg.generations * len(cfg.stages)
         if self.stats is None:
             self.collect_stats()
-        bar = tqdm(total=total, initial=len(self.history), desc="evolve", disable=not progress)
+        bar = progress_bar(total=total, initial=len(self.history), desc="evolve", show=progress)
         try:
             while len(self.history) < total:
                 if stop_after is not None and len(self.history) >= stop_after:
@@ -197,12 +196,12 @@ class Evolution:
                 "commits": commits, "cma_es": self.recipe,
                 "provenance": provenance(evolve_config=asdict(self.cfg))}
         mean = torch.as_tensor(self.es.mean, dtype=torch.float32)
-        namm.save_namm(self.out / "latest.pt", self.cfg.scorer, mean, self.stats,
+        save_namm(self.out / "latest.pt", self.cfg.scorer, mean, self.stats,
                        self.cfg.n_up, meta)
         if row["mean_eval"] is not None and (self.best_mean_fitness is None
                                              or row["mean_eval"] > self.best_mean_fitness):
             self.best_mean_fitness = row["mean_eval"]
-            namm.save_namm(self.out / "best.pt", self.cfg.scorer, mean, self.stats,
+            save_namm(self.out / "best.pt", self.cfg.scorer, mean, self.stats,
                            self.cfg.n_up, {**meta, "mean_eval": row["mean_eval"]})
         mean_, var, count = self.stats
         write_json(self.out / "state.json", {
@@ -242,20 +241,42 @@ class Evolution:
         return run
 
 
-def _evaluate_task(task, model, payload, policy_name, n_up, stats, member_params, episodes,
-                   seed):
+def _evaluate_task(task, checkpoint, policy_name, n_up, stats, member_params, episodes, seed):
     """One task's batched rollout of every member: slot = member x episode, and every
     member meets env seeds seed .. seed + episodes - 1. Returns per-episode scores
     [members, episodes], the results, the statistics. Module-level, for worker processes."""
     torch.set_num_threads(1)
     members = len(member_params)
-    policy = POLICIES[policy_name](None, 3 * task.max_episode_steps, n_up=n_up)
-    policy.params = torch.as_tensor(np.repeat(member_params, episodes, axis=0),
-                                    dtype=torch.float32)
-    if stats is not None:
-        policy.stats, policy.collect_stats = stats, False
+    params = torch.as_tensor(np.repeat(member_params, episodes, axis=0), dtype=torch.float32)
+    policy = build_policy(PolicySpec(policy_name, options={
+        "n_up": n_up, "params": params, "stats": stats}), checkpoint, task)
     seeds = [seed + i % episodes for i in range(members * episodes)]
-    results, _ = rollout(model, payload["state_mean"], payload["state_std"], task, policy_name,
-                         episodes=members * episodes, seeds=seeds, memory=policy)
+    results, _ = rollout(checkpoint.model, checkpoint.state_mean, checkpoint.state_std, task,
+                         policy, episodes=members * episodes, seeds=seeds)
     scores = np.array([r.score for r in results]).reshape(members, episodes)
     return scores, results, policy.stats
+
+
+def sweep_summary(folder):
+    """The table of a sweep of short evolution runs (one state.json copy per setting, e.g.
+    results/n-up-sweep/), written to summary.md in the same folder."""
+    folder = Path(folder)
+    runs = sorted(((path, json.loads(path.read_text())) for path in folder.glob("*.json")),
+                  key=lambda path_run: path_run[1]["config"]["n_up"])
+    if not runs:
+        raise UserError(f"no run files (*.json) in {folder}")
+    lines = ["| run | n_up | population mean, last 5 generations | CMA-ES mean evaluations "
+             "| cache tokens, last 5 | wall s |", "|---|---|---|---|---|---|"]
+    for path, run in runs:
+        history = run["history"][-5:]
+        evals = [f"g{h['generation']}: {h['mean_eval']:.1f}" for h in run["history"]
+                 if h["mean_eval"] is not None]
+        lines.append(
+            f"| {path.stem} | {run['config']['n_up']} | "
+            f"{np.mean([h['mean'] for h in history]):.1f} | {', '.join(evals)} | "
+            f"{np.mean([h['mean_tokens'] for h in history]):.0f} | "
+            f"{sum(h['wall'] for h in run['history']):.0f} |")
+    table = "\n".join(lines) + "\n"
+    with atomic_path(folder / "summary.md") as tmp:
+        tmp.write_text(table)
+    return table

@@ -1,37 +1,34 @@
 """The experiment behind the table of return gains (`scripts/run_experiment.py`): every
 memory policy on every shipped DT, one results file per cell, then the report.
 
-Per task, in this order (the matched budgets need the NAMM's cache size first):
+Per task, in this order (the matched budgets need the NAMMs' cache sizes first):
   recompute (the base of every gain), window, full;
   namm        the zero-shot NAMM (<namm_dir>/default.pt, by default the shipped one);
   namm-local  the NAMM evolved on this very task (<namm_dir>/<task>.pt), where present;
   namm-mlp    the MLP NAMM (<namm_dir>/default-mlp.pt), on the tasks of mlp_tasks;
-  every heuristic at each of `budgets`: token counts, and `matched`, the zero-shot NAMM's
-  own mean cache size on this task.
-Every cell meets the same env seeds (seed .. seed + episodes - 1), so gains pair by
-seed. A cell whose results file already holds enough episodes of the same checkpoint
-and NAMM is kept, so an interrupted run resumes where it stopped.
+  every heuristic at each of `budgets`: token counts, and `matched`: each NAMM's (namm,
+  namm-local) own mean cache size on this task in the DEVELOPMENT block, so that the
+  confirmation block's budgets are fixed before it runs.
+Every cell of a block meets the same env seeds (the block's first seed + 0..episodes-1),
+so gains pair by seed. A cell whose results file already holds enough episodes of the
+same checkpoint and policy is kept, so an interrupted run resumes where it stopped.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
-from dtmem.checkpoints import SHIPPED_DIR, load_model
+from dtmem.checkpoints import Checkpoint, shipped_path
 from dtmem.errors import UserError
-from dtmem.files import sha256, write_json
-from dtmem.memory import POLICIES
-from dtmem.namm import DEFAULT_FILES
-from dtmem.namm import SHIPPED_DIR as NAMM_DIR
-from dtmem.report import embed_in_readme, load_cells, markdown, summarise, write_report
-from dtmem.rollout import rollout_cell
+from dtmem.memory import POLICIES, PolicySpec, ScoredPolicy
+from dtmem.memory.namm.io import SHIPPED_DIR as NAMM_DIR
+from dtmem.report import embed_in_readme, markdown, summarise, write_report
+from dtmem.results import BLOCKS, ensure_cell, load_cells, read_cell
+from dtmem.runtime import progress_bar
 from dtmem.tasks import all_tasks, resolve_task
 
 @dataclass
 class ExperimentConfig:
-    """One run of the experiment; its cells go to <out>/cells/<task>/<cell>.json."""
+    """One run of the experiment; its cells go to <out>/<block folder>/<task>/<cell>.json."""
 
     tasks: str = ""
     """comma-separated tasks (default: every task with a shipped DT)"""
@@ -44,8 +41,10 @@ class ExperimentConfig:
     """comma-separated budgeted policies run at the matched and the fixed budget"""
     mlp_tasks: str = "hopper-medium,halfcheetah-medium"
     """tasks that also run the shipped MLP NAMM (the paper's BAM vs MLP ablation)"""
-    seed: int = 0
-    """env seed of the first episode of every cell"""
+    block: str = "development"
+    """env seed block: development (seeds 0..49, cells/) or confirmation (100000.., confirm/)"""
+    cells: str = ""
+    """run only these cells, by name (e.g. recompute,window,full); default all planned"""
     slots: int = 50
     """episodes run in lockstep"""
     out: str = "results"
@@ -54,12 +53,22 @@ class ExperimentConfig:
     """NAMM files: default.pt (zero-shot), default-mlp.pt, <task>.pt (evolved on it)"""
 
 
+FOLDERS = {"development": "cells", "confirmation": "confirm"}  # below cfg.out
+NAMM_CELLS = ("namm", "namm-local")  # the NAMMs heuristics are matched to
+
+
+def block_folder(cfg: ExperimentConfig, block=None):
+    return Path(cfg.out) / FOLDERS[block or cfg.block]
+
+
 def experiment_tasks(cfg: ExperimentConfig):
+    if cfg.block not in BLOCKS:
+        raise UserError(f"--block must be one of {', '.join(BLOCKS)}, got {cfg.block!r}")
     if cfg.tasks:
         tasks = [resolve_task(task=name) for name in cfg.tasks.split(",")]
     else:
-        tasks = [t for t in all_tasks().values() if (SHIPPED_DIR / f"{t.name}.pt").exists()]
-    missing = [t.name for t in tasks if not (SHIPPED_DIR / f"{t.name}.pt").exists()]
+        tasks = [t for t in all_tasks().values() if shipped_path(t.name).exists()]
+    missing = [t.name for t in tasks if not shipped_path(t.name).exists()]
     if missing:
         raise UserError(f"no shipped DT for {', '.join(missing)}; train it with "
                         "scripts/build_suite.py --stages dts")
@@ -67,65 +76,69 @@ def experiment_tasks(cfg: ExperimentConfig):
         if budget != "matched" and not (budget.isdigit() and int(budget) >= 3):
             raise UserError(f"--budgets: {budget!r} is neither a token count >= 3 nor matched")
     for name in cfg.heuristics.split(","):
-        if name not in POLICIES or not POLICIES[name].takes_budget or name.startswith("namm"):
+        if name not in POLICIES or not issubclass(POLICIES[name], ScoredPolicy):
             raise UserError(f"--heuristics: {name!r} is not a budgeted heuristic policy")
-    if not (Path(cfg.namm_dir) / DEFAULT_FILES["namm"]).exists():
-        raise UserError(f"no zero-shot NAMM {cfg.namm_dir}/{DEFAULT_FILES['namm']}; evolve "
-                        "one with scripts/evolve.py or pass --namm-dir")
+    if not namm_file(cfg, "default").exists():
+        raise UserError(f"no zero-shot NAMM {namm_file(cfg, 'default')}; evolve one with "
+                        "scripts/evolve.py or pass --namm-dir")
     return tasks
 
 
+def namm_file(cfg: ExperimentConfig, name):
+    return Path(cfg.namm_dir) / f"{name}.pt"
+
+
 def planned_cells(task, cfg: ExperimentConfig):
-    """(label, policy, NAMM file) of the cells that need no budget, in running order."""
-    folder = Path(cfg.namm_dir)
-    zero_shot, mlp = (folder / DEFAULT_FILES[p] for p in ("namm", "namm-mlp"))
-    cells = [("recompute", "recompute", None), ("window", "window", None),
-             ("full", "full", None), ("namm", "namm", zero_shot)]
-    if (folder / f"{task.name}.pt").exists():
-        cells.append(("namm-local", "namm", folder / f"{task.name}.pt"))
-    if mlp.exists() and task.name in cfg.mlp_tasks.split(","):
-        cells.append(("namm-mlp", "namm-mlp", mlp))
+    """The cells that need no budget, in running order."""
+    cells = [PolicySpec("recompute"), PolicySpec("window"), PolicySpec("full"),
+             PolicySpec("namm", options={"namm_file": namm_file(cfg, "default")},
+                        label="namm")]
+    if namm_file(cfg, task.name).exists():
+        cells.append(PolicySpec("namm", options={"namm_file": namm_file(cfg, task.name)},
+                                label="namm-local"))
+    if namm_file(cfg, "default-mlp").exists() and task.name in cfg.mlp_tasks.split(","):
+        cells.append(PolicySpec("namm-mlp", options={"namm_file": namm_file(cfg, "default-mlp")},
+                                label="namm-mlp"))
     return cells
 
 
-def cell_is_done(path, cfg, checkpoint_hash, namm_file):
-    try:
-        cell = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    same_namm = cell.get("namm_sha256") == (namm_file and sha256(namm_file))
-    if (len(cell.get("episodes", [])) >= cfg.episodes and cell.get("seed") == cfg.seed
-            and cell.get("checkpoint_sha256") == checkpoint_hash and same_namm):
-        return cell
-    return None
+def matched_budgets(task, cfg: ExperimentConfig):
+    """Each NAMM's mean cache size on this task in the development block (None where its
+    development cell has not run yet)."""
+    budgets = {}
+    for label in NAMM_CELLS:
+        cell = read_cell(block_folder(cfg, "development") / task.name / f"{label}.json")
+        budgets[label] = cell and max(3, round(cell["summary"]["mean_tokens"]))
+    return budgets
 
 
 def run_task(task, cfg: ExperimentConfig, progress=True):
-    """Run (or resume) every cell of one task; returns {label: results file}."""
-    checkpoint = SHIPPED_DIR / f"{task.name}.pt"
-    model, payload = load_model(checkpoint)
-    checkpoint_hash = sha256(checkpoint)
-    folder = Path(cfg.out) / "cells" / task.name
+    """Run (or resume) every cell of one task; returns {cell name: results file}."""
+    checkpoint = Checkpoint.shipped(task.name)
+    folder = block_folder(cfg) / task.name
+    wanted = set(cfg.cells.split(",")) if cfg.cells else None
     done = {}
 
-    def cell(label, policy, namm_file=None, budget=None):
-        path = folder / f"{label}.json"
-        done[label] = cell_is_done(path, cfg, checkpoint_hash, namm_file)
-        if done[label] is None:
-            done[label] = rollout_cell(model, payload, checkpoint, task, policy, cfg.episodes,
-                                       cfg.seed, cfg.slots, budget=budget, namm_file=namm_file,
-                                       progress=progress, label=label)
-            write_json(path, done[label])
+    def cell(spec):
+        if wanted is None or spec.cell_name in wanted:
+            path = folder / f"{spec.cell_name}.json"
+            done[spec.cell_name] = ensure_cell(path, checkpoint, task, spec, cfg.episodes,
+                                               BLOCKS[cfg.block], cfg.slots, progress)
 
-    for label, policy, namm_file in planned_cells(task, cfg):
-        cell(label, policy, namm_file)
-    matched = max(3, round(done["namm"]["summary"]["mean_tokens"]))
-    budgets = sorted({matched if b == "matched" else int(b) for b in cfg.budgets.split(",")})
-    for name in cfg.heuristics.split(","):
-        for budget in budgets:
-            cell(f"{name}@{budget}", name, budget=budget)
+    for spec in planned_cells(task, cfg):
+        cell(spec)
+    fixed = {int(b) for b in cfg.budgets.split(",") if b != "matched"}
+    matched = matched_budgets(task, cfg) if "matched" in cfg.budgets.split(",") else {}
+    planned = [n for n in NAMM_CELLS if n == "namm" or namm_file(cfg, task.name).exists()]
+    missing = [label for label in planned if label in matched and matched[label] is None]
+    if missing and (wanted is None or any("@" in name for name in wanted)):
+        raise UserError(f"{task.name}: the matched budgets need the development block's "
+                        f"{', '.join(missing)} cells; run them first")
+    for budget in sorted(fixed | {b for b in matched.values() if b is not None}):
+        for name in cfg.heuristics.split(","):
+            cell(PolicySpec(name, budget=budget))
     stale = sorted(p.stem for p in folder.glob("*.json") if p.stem not in done)
-    if stale:  # e.g. a matched budget of an earlier NAMM: the report would include them
+    if stale and wanted is None:  # e.g. a matched budget of an earlier NAMM
         print(f"note: {folder} also holds cells this run did not plan: {', '.join(stale)}; "
               "delete them if they are stale")
     return done
@@ -133,7 +146,7 @@ def run_task(task, cfg: ExperimentConfig, progress=True):
 
 def run(cfg: ExperimentConfig):
     tasks = experiment_tasks(cfg)
-    for task in tqdm(tasks, desc="experiment", unit="task"):
+    for task in progress_bar(tasks, desc="experiment", unit="task"):
         run_task(task, cfg)
     return tasks
 
@@ -155,9 +168,9 @@ def report(cfg: ExperimentConfig, readme=None, plots=True):
         figures.pareto(rows, out / "pareto.png")
         for name in sorted({r["task"] for r in rows}):
             task = resolve_task(task=name)
-            model, payload = load_model(SHIPPED_DIR / f"{name}.pt")
-            fractions = figures.kept_tokens(model, payload, task,
-                                            Path(cfg.namm_dir) / DEFAULT_FILES["namm"])
+            fractions = figures.kept_tokens(Checkpoint.shipped(name), task,
+                                            PolicySpec("namm", options={
+                                                "namm_file": namm_file(cfg, "default")}))
             figures.kept_heatmap(fractions, name, out / f"namm-kept-{name}.png")
         logs = figures.evolution_logs(cfg.namm_dir)
         if logs:

@@ -44,6 +44,25 @@ def ensure_writable(path):
     os.unlink(Path(path).with_name(Path(path).name + ".check"))
 
 
+def safe_load(path, what, remedy):
+    """A torch file's contents, with weights_only=True: tensors and plain containers only,
+    so no code from the file ever runs. `what` names the file, `remedy` the fix."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; {remedy}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError,
+            OSError, KeyError) as e:
+        raise UserError(f"{what} {path} is corrupt or holds more than tensors "
+                        f"({type(e).__name__}); nothing from it was run; {remedy}") from None
+
+
 def sha256(path):
     """Hex digest of a file: results name the exact checkpoint and NAMM they came from."""
     digest = hashlib.sha256()

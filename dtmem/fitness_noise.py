@@ -22,7 +22,7 @@ import numpy as np
 from dtmem.evolve import EvolveConfig, Evolution
 from dtmem.files import ensure_writable, provenance, relative_to_root, sha256, write_json
 from dtmem.memory.namm import DEFAULT_N_UP
-from dtmem.namm import load_namm
+from dtmem.memory.namm.io import load_namm
 
 EPISODE_COUNTS = (1, 2, 4, 8, 16)
 

@@ -77,3 +77,22 @@ def run_lab(work, preset="lab", parts=None, handout=HANDOUT, log=None):
     for name in ("docs", "scripts"):
         (work / name).unlink()
     return seconds
+
+
+def record_times(out, seconds):
+    """Write the lab's times (minutes per part, with provenance) to <out>/times.json and
+    into the handout and the instructor notes; returns the table."""
+    from dtmem.files import provenance, write_json
+    from dtmem.report import embed_in_readme
+
+    info = provenance(preset="lab")
+    write_json(f"{out}/times.json", {"seconds": seconds, "provenance": info})
+    machine = info["machine"]
+    table = "| part | minutes |\n|---|---|\n" + "".join(
+        f"| {part} | {s / 60:.1f} |\n" for part, s in sorted(seconds.items()))
+    table += (f"\nOn {len(os.sched_getaffinity(0))} of the {machine['cores']} CPU cores of "
+              f"{machine['platform']}, torch {machine['torch']}, commit {info['commit']}.\n")
+    for doc in (HANDOUT, LAB_DIR / "instructor.md"):
+        embed_in_readme(doc, "lab-times", table, "python scripts/run_lab.py",
+                        "docs/lab/expected/times.json")
+    return table

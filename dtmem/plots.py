@@ -12,7 +12,7 @@ import torch
 
 from dtmem.cache import ACTION, RETURN, STATE
 from dtmem.errors import UserError
-from dtmem.memory import make_policy
+from dtmem.results import build_policy
 from dtmem.rollout import rollout
 
 KIND_NAMES = {RETURN: "return-to-go", STATE: "state", ACTION: "action"}
@@ -40,8 +40,7 @@ def pareto(rows, path):
     for ax, task in zip(axes.flat, tasks):
         for r in (r for r in rows if r["task"] == task):
             lo, hi = r["score_ci95"]
-            policy = r["cell"].split("@")[0]
-            marker = "*" if policy.startswith("namm") else "o"
+            marker = "*" if r["namm_sources"] else "o"  # the NAMMs stand out
             ax.errorbar(r["mean_tokens"], r["score"], yerr=[[r["score"] - lo], [hi - r["score"]]],
                         fmt=marker, capsize=2, markersize=9 if marker == "*" else 5)
             ax.annotate(r["cell"], (r["mean_tokens"], r["score"]), fontsize=6,
@@ -65,6 +64,7 @@ class KeptTokens:
 
     def __init__(self, policy, max_age):
         self.policy, self.max_age = policy, max_age
+        self.name, self.uses_cache = policy.name, policy.uses_cache
         self.needs_attention = policy.needs_attention
         self.kept = None  # [L, 3, max_age + 1] token counts summed over steps
         self.steps = np.zeros(max_age + 1)  # steps at which each age was possible
@@ -79,6 +79,9 @@ class KeptTokens:
     def reset(self, slots):
         self.policy.reset(slots)
 
+    def keep_slots(self, slots):
+        self.policy.keep_slots(slots)
+
     def after_step(self, cache, timestep, attention):
         self.policy.after_step(cache, timestep, attention)
         t = int(timestep[0])
@@ -91,15 +94,27 @@ class KeptTokens:
         self.steps[: min(t, self.max_age) + 1] += 1
 
 
-def kept_tokens(model, payload, task, namm_file, policy="namm", seed=0, max_age=200):
-    """Fraction of tokens of each kind and age the NAMM holds over one episode, [L, 3, ages]."""
-    inner = make_policy(policy, model.cfg.context_steps, 3 * task.max_episode_steps,
-                        namm_file=namm_file)
-    recorder = KeptTokens(inner, max_age)
-    rollout(model, payload["state_mean"], payload["state_std"], task, policy, episodes=1,
-            seed=seed, memory=recorder)
+def kept_tokens(checkpoint, task, spec, seed=0, max_age=200):
+    """Fraction of tokens of each kind and age the policy of `spec` (a NAMM) holds over
+    one episode, [L, 3, ages]."""
+    recorder = KeptTokens(build_policy(spec, checkpoint, task), max_age)
+    rollout(checkpoint.model, checkpoint.state_mean, checkpoint.state_std, task, recorder,
+            episodes=1, seed=seed)
     ages = int((recorder.steps > 0).sum())  # the episode may end before max_age
     return recorder.kept.numpy()[..., :ages] / recorder.steps[:ages]
+
+
+def kept_table(fractions):
+    """The fractions of kept_tokens as text: layer and kind by age band."""
+    ages = [(0, 5), (5, 20), (20, fractions.shape[-1])]
+    lines = [f"{'layer':>5} {'kind':>13} " + " ".join(f"{f'age {a}-{b - 1}':>11}"
+                                                     for a, b in ages)]
+    for layer in range(fractions.shape[0]):
+        for kind, name in KIND_NAMES.items():
+            cells = [fractions[layer, kind, a:b] for a, b in ages]
+            lines.append(f"{layer:5d} {name:>13} " + " ".join(
+                f"{np.mean(c):11.2f}" if len(c) else f"{'-':>11}" for c in cells))
+    return "\n".join(lines)
 
 
 def kept_heatmap(fractions, task_name, path):

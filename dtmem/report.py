@@ -1,30 +1,21 @@
 """`dtmem report`: the table of return gains from rollout results files (`--json`).
 
-Each results file is one cell: a task, a memory policy (and budget), every episode with
-its env seed. The report refuses cells it cannot trust instead of averaging them: fewer
-episodes than asked, missing or mismatched seeds (gains are paired by seed), or a
-checkpoint other than the task's shipped one.
+Each results file is one cell (dtmem/results.py): a task, a memory policy (and budget),
+every episode with its env seed. The report refuses cells it cannot trust instead of
+averaging them (results.load_cells): fewer episodes than asked, missing or mismatched
+seeds (gains are paired by seed), or a checkpoint other than the task's shipped one.
 """
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 
-from dtmem.checkpoints import SHIPPED_DIR
 from dtmem.errors import UserError
-from dtmem.files import atomic_path, provenance, sha256, write_json
+from dtmem.files import atomic_path, provenance, write_json
 from dtmem.stats import bootstrap_ci
 
 BASE = "recompute"  # the field's standard evaluation: gains are measured against it
-
-
-def cell_name(cell):
-    if cell.get("label"):
-        return cell["label"]
-    budget = cell.get("budget") or cell.get("ratio")
-    return cell["policy"] + (f"@{budget}" if budget is not None else "")
 
 
 FIRST_CELLS = ["recompute", "window", "full", "namm", "namm-local", "namm-mlp"]
@@ -36,37 +27,6 @@ def cell_order(name):
         return (FIRST_CELLS.index(name), "", 0)
     policy, _, budget = name.partition("@")
     return (len(FIRST_CELLS), policy, float(budget or 0))
-
-
-def load_cells(folder, episodes, require_shipped=True):
-    """{task: {cell name: results}} from every *.json below folder, checked."""
-    cells, shipped_hashes = {}, {}
-    paths = sorted(Path(folder).rglob("*.json"))
-    if not paths:
-        raise UserError(f"no results files in {folder}; make them with `dtmem rollout --json`")
-    for path in paths:
-        try:
-            cell = json.loads(path.read_text())
-            task, name = cell["task"], cell_name(cell)
-            seeds = [e["seed"] for e in cell["episodes"]]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path} is not a dtmem rollout results file") from None
-        if len(seeds) < episodes:
-            raise UserError(f"{path}: {len(seeds)} episodes, fewer than the {episodes} asked; "
-                            "rerun the cell")
-        if seeds != list(range(cell["seed"], cell["seed"] + len(seeds))):
-            raise UserError(f"{path}: episode seeds are not {cell['seed']}..; rerun the cell")
-        shipped = SHIPPED_DIR / f"{task}.pt"
-        if require_shipped and shipped.exists() and task not in shipped_hashes:
-            shipped_hashes[task] = sha256(shipped)  # once per task, not once per cell
-        if require_shipped and (not shipped.exists()
-                                or cell.get("checkpoint_sha256") != shipped_hashes[task]):
-            raise UserError(f"{path} was not made with the shipped checkpoint of {task}; "
-                            "rerun it (or pass --any-checkpoint)")
-        if name in cells.setdefault(task, {}):
-            raise UserError(f"two results files for {task} {name}: {path} and another")
-        cells[task][name] = cell
-    return cells
 
 
 def summarise(cells, episodes):

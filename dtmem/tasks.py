@@ -1,5 +1,12 @@
-"""The task registry: one TOML file per environment in envs/, one task per dataset quality."""
+"""The task registry: one TOML file per environment in envs/, one task per dataset quality.
 
+An env file names its Gymnasium env, its tasks ([tasks.<quality>]), its reference returns
+([reference.d4rl] from the literature, [reference.dtmem] once measured by the suite) and
+how its behaviour policies are trained ([behavior], dtmem/ppo.py). Adding an environment
+is adding one such file.
+"""
+
+import math
 import tomllib
 import warnings
 from dataclasses import dataclass
@@ -25,50 +32,74 @@ class Task:
     max_episode_steps: int
     ref_min: float  # return that normalises to 0
     ref_max: float  # return that normalises to 100
-    ref_source: str  # where ref_min/ref_max come from: "dtmem" or "d4rl"
+    ref_source: str  # where ref_min/ref_max come from: "dtmem", "d4rl" or "none"
 
     def normalise(self, returns):
         """Normalised score, 100 * (R - ref_min) / (ref_max - ref_min), as the field reports it."""
+        if self.ref_source == "none":
+            raise UserError(f"{self.env} has no reference returns yet; measure them with "
+                            f"scripts/build_suite.py --envs {self.env} --stages references")
         return 100.0 * (returns - self.ref_min) / (self.ref_max - self.ref_min)
 
 
-def _tasks_of(env: str, spec: dict) -> list[Task]:
-    tasks = []
-    # dtmem's own references (measured by scripts/build_suite.py) win over D4RL's.
-    if "dtmem" in spec["reference"]:
-        ours = spec["reference"]["dtmem"]
-        refs = (ours["random"], ours["expert"], "dtmem")
-    else:
-        d4rl = spec["reference"]["d4rl"]
-        refs = (d4rl["random"], d4rl["expert"], "d4rl")
-    for quality, t in spec["tasks"].items():
-        tasks.append(Task(
-            name=f"{env}-{quality}", env=env, quality=quality, env_id=spec["env_id"],
-            remote_id=t["remote_id"], local_id=t["local_id"],
-            target_return=float(t["target_return"]), return_scale=float(spec["return_scale"]),
-            max_episode_steps=int(spec["max_episode_steps"]),
-            ref_min=float(refs[0]), ref_max=float(refs[1]), ref_source=refs[2],
-        ))
-    return tasks
+@dataclass(frozen=True)
+class EnvSpec:
+    """One envs/<name>.toml."""
+
+    name: str  # "hopper", the file's stem
+    env_id: str  # Gymnasium id, "Hopper-v5"
+    path: Path
+    tasks: dict  # quality -> Task
+    default_quality: str
+    behavior: dict  # the [behavior] table: PPO settings that differ from dtmem.ppo's defaults
+
+    @property
+    def default_task(self) -> Task:
+        return self.tasks[self.default_quality]
 
 
-@cache
-def all_tasks() -> dict[str, Task]:
+def _references(spec):
+    # dtmem's own references (measured by scripts/build_suite.py) win over D4RL's; a new
+    # env has neither until the suite measures them.
+    for source in ("dtmem", "d4rl"):
+        if source in spec.get("reference", {}):
+            refs = spec["reference"][source]
+            return float(refs["random"]), float(refs["expert"]), source
+    return math.nan, math.nan, "none"
+
+
+def _read_env(path: Path) -> EnvSpec:
+    spec = tomllib.loads(path.read_text())
+    ref_min, ref_max, source = _references(spec)
     tasks = {}
-    for path in sorted(ENVS_DIR.glob("*.toml")):
-        for task in _tasks_of(path.stem, tomllib.loads(path.read_text())):
-            tasks[task.name] = task
-    return tasks
+    for quality, t in spec["tasks"].items():
+        # The DT paper evaluated medium and expert data at one expert-level target per
+        # env; ours is the expert reference rounded to 100, unless a task sets its own.
+        target = t.get("target_return", round(ref_max, -2))
+        tasks[quality] = Task(
+            name=f"{path.stem}-{quality}", env=path.stem, quality=quality,
+            env_id=spec["env_id"], remote_id=t["remote_id"], local_id=t["local_id"],
+            target_return=float(target), return_scale=float(spec["return_scale"]),
+            max_episode_steps=int(spec["max_episode_steps"]),
+            ref_min=ref_min, ref_max=ref_max, ref_source=source,
+        )
+    return EnvSpec(path.stem, spec["env_id"], path, tasks, spec["default_quality"],
+                   spec.get("behavior", {}))
 
 
 @cache
+def all_envs() -> dict[str, EnvSpec]:
+    """env name -> its spec, read once; `all_envs.cache_clear()` after writing a file."""
+    return {path.stem: _read_env(path) for path in sorted(ENVS_DIR.glob("*.toml"))}
+
+
+def all_tasks() -> dict[str, Task]:
+    return {task.name: task for env in all_envs().values() for task in env.tasks.values()}
+
+
 def default_tasks() -> dict[str, Task]:
     """env name -> its default task ("hopper" -> hopper-medium)."""
-    defaults = {}
-    for path in sorted(ENVS_DIR.glob("*.toml")):
-        spec = tomllib.loads(path.read_text())
-        defaults[path.stem] = all_tasks()[f"{path.stem}-{spec['default_quality']}"]
-    return defaults
+    return {name: env.default_task for name, env in all_envs().items()}
 
 
 def resolve_task(env: str | None = None, task: str | None = None) -> Task:

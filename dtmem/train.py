@@ -5,14 +5,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from dtmem.checkpoints import read_checkpoint, save_checkpoint
 from dtmem.data import Episodes, WindowSampler, find_dataset
 from dtmem.errors import UserError
 from dtmem.files import provenance
+from dtmem.memory import PolicySpec
 from dtmem.model import DecisionTransformer, DTConfig
-from dtmem.rollout import rollout, summarize
+from dtmem.results import summarize
+from dtmem.rollout import rollout
+from dtmem.runtime import pick_device, progress_bar
 from dtmem.tasks import resolve_task
 
 
@@ -58,16 +60,6 @@ class TrainConfig:
     """updates between checkpoint saves"""
 
 
-def pick_device(name="auto"):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return name
-
-
 def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, progress=True):
     """Train (or resume) and save the checkpoint at `out`. Returns the metrics history."""
     for name in ("steps", "batch_size", "eval_episodes", "checkpoint_every"):
@@ -75,6 +67,8 @@ def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, pr
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     device = pick_device(device)
     task = resolve_task(task=cfg.task)
+    eval_spec = PolicySpec(cfg.eval_policy)
+    eval_spec.build(cfg.context_steps, 3 * task.max_episode_steps)  # a bad one fails now
     dataset, dataset_id = find_dataset(task, download)
     episodes = Episodes.from_minari(dataset)
     state_mean, state_std = episodes.state_stats()
@@ -117,7 +111,8 @@ def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, pr
 
     def evaluate():
         model.eval()
-        results, _ = rollout(model, state_mean, state_std, task, cfg.eval_policy,
+        policy = eval_spec.build(cfg.context_steps, 3 * task.max_episode_steps)
+        results, _ = rollout(model, state_mean, state_std, task, policy,
                              episodes=cfg.eval_episodes, seed=0)
         model.train()
         summary = summarize(results)
@@ -126,7 +121,8 @@ def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, pr
         return summary
 
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {task.name}", disable=not progress)
+    bar = progress_bar(total=cfg.steps, initial=step, desc=f"train {task.name}",
+                       show=progress)
     try:
         while step < cfg.steps:
             begin = time.perf_counter()

@@ -13,8 +13,7 @@ from dataclasses import fields
 import torch
 
 from dtmem import fitness_noise
-from dtmem.cli import add_dataclass_flags
-from dtmem.errors import UserError
+from dtmem.cli import add_dataclass_flags, run_reporting_errors
 
 OUT = "results/fitness-noise"
 
@@ -26,7 +25,8 @@ def main(argv=None):
     parser.add_argument("--out", default=OUT, help=f"results folder (default {OUT})")
     parser.add_argument("--table", action="store_true", help="print the table of --out")
     args = parser.parse_args(argv)
-    try:
+
+    def work():
         if not args.table:
             torch.set_num_threads(1)
             cfg = fitness_noise.NoiseConfig(**{f.name: getattr(args, f.name)
@@ -34,10 +34,8 @@ def main(argv=None):
             path, _ = fitness_noise.run(cfg, args.out)
             print(f"wrote {path}")
         print(fitness_noise.markdown(args.out))
-    except UserError as e:
-        print(f"fitness_noise.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_reporting_errors(work)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ import argparse
 import sys
 from dataclasses import fields
 
-from dtmem.cli import add_dataclass_flags, add_preset_flag, parse_with_preset
-from dtmem.errors import UserError
+from dtmem.cli import (add_dataclass_flags, add_preset_flag, parse_with_preset,
+                       run_reporting_errors)
 from dtmem.experiment import ExperimentConfig, report, run
 from dtmem.tasks import ROOT
 
@@ -33,15 +33,14 @@ def main(argv=None):
     add_preset_flag(parser, "experiment", presets)
     args = parse_with_preset(parser, argv, presets)
     cfg = ExperimentConfig(**{f.name: getattr(args, f.name) for f in fields(ExperimentConfig)})
-    try:
+
+    def work():
         if not args.report_only:
             run(cfg)
         report(cfg, ROOT / "README.md" if args.update_readme else None,
                plots=not args.no_plots)
-    except UserError as e:
-        print(f"run_experiment.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_reporting_errors(work)
 
 
 if __name__ == "__main__":

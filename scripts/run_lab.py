@@ -9,14 +9,11 @@ the notes' tables, with the machine it ran on.
 """
 
 import argparse
-import os
 import shutil
 import sys
 
-from dtmem.errors import UserError
-from dtmem.files import provenance, write_json
-from dtmem.lab import HANDOUT, LAB_DIR, handout_commands, run_lab
-from dtmem.report import embed_in_readme
+from dtmem.cli import run_reporting_errors
+from dtmem.lab import LAB_DIR, handout_commands, record_times, run_lab
 
 
 def part_numbers(text):
@@ -38,24 +35,13 @@ def main(argv=None):
                         help="comma-separated part numbers (default all)")
     parser.add_argument("--out", default=str(LAB_DIR / "expected"))
     args = parser.parse_args(argv)
-    try:
+
+    def work():
         seconds = run_lab(args.out, "lab", args.parts)
-    except UserError as e:
-        print(f"run_lab.py: error: {e}", file=sys.stderr)
-        return 2
-    shutil.rmtree(f"{args.out}/minari", ignore_errors=True)  # the dataset is rebuilt, not shipped
-    info = provenance(preset="lab")
-    write_json(f"{args.out}/times.json", {"seconds": seconds, "provenance": info})
-    machine = info["machine"]
-    table = "| part | minutes |\n|---|---|\n" + "".join(
-        f"| {part} | {s / 60:.1f} |\n" for part, s in sorted(seconds.items()))
-    table += (f"\nOn {len(os.sched_getaffinity(0))} of the {machine['cores']} CPU cores of "
-              f"{machine['platform']}, torch {machine['torch']}, commit {info['commit']}.\n")
-    for doc in (HANDOUT, LAB_DIR / "instructor.md"):
-        embed_in_readme(doc, "lab-times", table, "python scripts/run_lab.py",
-                        "docs/lab/expected/times.json")
-    print(table)
-    return 0
+        shutil.rmtree(f"{args.out}/minari", ignore_errors=True)  # rebuilt, not shipped
+        print(record_times(args.out, seconds))
+
+    return run_reporting_errors(work)
 
 
 if __name__ == "__main__":

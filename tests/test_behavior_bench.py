@@ -43,17 +43,16 @@ def test_data_build_with_a_policy_file_and_a_wrong_sized_one(capsys, tmp_path, m
 
 def test_bench_rows_compare_against_the_same_episodes(checkpoint):
     from dtmem.bench import memory_configs, rollout_configs, run_bench
-    from dtmem.checkpoints import load_model
+    from dtmem.checkpoints import Checkpoint
     from dtmem.memory import POLICIES
     from dtmem.tasks import resolve_task
 
-    model, payload = load_model(checkpoint)
+    ckpt = Checkpoint.load(checkpoint)
     task = resolve_task("hopper")
     assert rollout_configs((1, 2)) == [("recompute", 1), ("window", 1), ("window", 2),
                                        ("full", 1), ("full", 2)]
     assert {p for p, _ in memory_configs((2,))} == set(POLICIES)
-    rows = run_bench(model, payload["state_mean"], payload["state_std"], task,
-                     [("recompute", 1), ("h2o", 2)])
+    rows = run_bench(ckpt, task, [("recompute", 1), ("h2o", 2)])
     assert all(steps > 0 and wall > 0 and floor > 0 and peak > 100
                for _, _, steps, wall, floor, peak in rows)
     assert env_floor(task, [5, 3, 4], 2) > 0
@@ -75,13 +74,11 @@ def test_shipped_hopper_policy_collects_longer_episodes_than_random():
 
 def test_bench_generation_times_a_whole_population(checkpoint):
     from dtmem.bench import bench_generation
-    from dtmem.checkpoints import load_model
+    from dtmem.checkpoints import Checkpoint
     from dtmem.tasks import resolve_task
 
-    model, payload = load_model(checkpoint)
-    wall, floor, results = bench_generation(model, payload["state_mean"], payload["state_std"],
-                                            resolve_task("hopper"), population=3, episodes=2,
-                                            n_up=16)
+    wall, floor, results = bench_generation(Checkpoint.load(checkpoint), resolve_task("hopper"),
+                                            population=3, episodes=2, n_up=16)
     assert len(results) == 6 and wall > 0 and floor > 0
     # Common random numbers: the two episodes of every member share their env seeds.
     assert [r.seed for r in results] == [1000, 1001] * 3

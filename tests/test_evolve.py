@@ -17,7 +17,6 @@ def shipped(tmp_path, monkeypatch, checkpoint):
     folder.mkdir()
     shutil.copy(checkpoint, folder / "hopper-medium.pt")
     monkeypatch.setattr(checkpoints, "SHIPPED_DIR", folder)
-    monkeypatch.setattr(evolve, "SHIPPED_DIR", folder)
     return folder
 
 

@@ -6,10 +6,12 @@ import shutil
 import pytest
 import torch
 
-from dtmem import checkpoints, evolve, experiment, namm, report
+from dtmem import checkpoints, experiment
 from dtmem.cli import main
 from dtmem.errors import UserError
 from dtmem.experiment import ExperimentConfig
+from dtmem.memory.namm.io import save_namm
+from dtmem.memory.namm.scorers import SCORERS
 
 
 @pytest.fixture
@@ -17,15 +19,14 @@ def setup(tmp_path, monkeypatch, checkpoint):
     shipped = tmp_path / "shipped"
     shipped.mkdir()
     shutil.copy(checkpoint, shipped / "hopper-medium.pt")
-    for module in (checkpoints, evolve, experiment, report):
-        monkeypatch.setattr(module, "SHIPPED_DIR", shipped)
+    monkeypatch.setattr(checkpoints, "SHIPPED_DIR", shipped)
     namms = tmp_path / "namm"
     generator = torch.Generator().manual_seed(0)
-    stats = (torch.zeros(namm.N_BINS), torch.ones(namm.N_BINS), 1)
+    stats = (torch.zeros(17), torch.ones(17), 1)
     for name, scorer, source in (("default", "bam", "hopper-medium"),
                                  ("default-mlp", "mlp", "walker2d-medium")):
-        params = 0.1 * torch.randn(namm.SCORERS[scorer][1], generator=generator)
-        namm.save_namm(namms / f"{name}.pt", scorer, params, stats, 16, {"stages": [[source]]})
+        params = 0.1 * torch.randn(SCORERS[scorer][1], generator=generator)
+        save_namm(namms / f"{name}.pt", scorer, params, stats, 16, {"stages": [[source]]})
     return ExperimentConfig(tasks="hopper-medium", episodes=3, budgets="matched,30",
                             heuristics="h2o,random", slots=3, out=str(tmp_path / "results"),
                             namm_dir=str(namms))

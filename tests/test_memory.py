@@ -5,32 +5,32 @@ import json
 import pytest
 import torch
 
-from dtmem import namm
 from dtmem.cli import main
-from dtmem.memory import POLICIES, make_policy
+from dtmem.memory import POLICIES, PolicySpec
+from dtmem.memory.namm.io import save_namm
 from dtmem.model import DecisionTransformer, DTConfig
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
-def test_every_policy_runs_and_respects_its_budget(capsys, tmp_path, checkpoint, policy):
+def test_every_policy_runs_from_the_cli_within_what_it_declares(capsys, tmp_path, checkpoint,
+                                                                 policy):
     out = tmp_path / "r.json"
-    extra = ["--budget", "30"] if POLICIES[policy].takes_budget else []
-    if policy.startswith("namm"):  # a NAMM with random parameters, so that it evicts
-        scorer = POLICIES[policy].scorer
-        params = torch.randn(namm.SCORERS[scorer][1], generator=torch.Generator().manual_seed(0))
-        namm.save_namm(tmp_path / "n.pt", scorer, params * 0.1,
-                       (torch.zeros(17), torch.ones(17), 1), 48, {})
+    cls = POLICIES[policy]
+    extra = ["--budget", "30"] if cls.takes_budget else []
+    options = {}
+    if "namm_file" in cls.__dataclass_fields__:  # a NAMM file of small random parameters
+        params = torch.randn(cls.n_params, generator=torch.Generator().manual_seed(0))
+        save_namm(tmp_path / "n.pt", cls.scorer, params * 0.1,
+                  (torch.zeros(17), torch.ones(17), 1), 48, {})
         extra += ["--namm", str(tmp_path / "n.pt")]
+        options = {"namm_file": tmp_path / "n.pt"}
     code = main(["rollout", "--env", "hopper", "--policy", policy, "--episodes", "3",
                  "--slots", "2", "--checkpoint", str(checkpoint), "--json", str(out), *extra])
     assert code == 0, capsys.readouterr().err
     summary = json.loads(out.read_text())["summary"]
-    # Scored heuristics hold the budget plus the 3 new tokens; NAMM's cap applies at its
-    # updates, every n_up = 48 queries, so up to 50 more tokens arrive in between.
-    limit = {"window": 3 * 20, "full": 3 * 1000}.get(policy, 30 + 3)
-    if policy.startswith("namm"):
-        limit = 30 + 50
-    assert summary["max_tokens"] <= limit
+    declared = PolicySpec(policy, 30 if cls.takes_budget else None, options=options).build(
+        20, 3000)
+    assert summary["max_tokens"] <= declared.max_held()
     assert len(summary["layer_max_tokens"]) == 2  # the test checkpoint has 2 layers
 
 
@@ -52,14 +52,14 @@ def kept_arrivals(cache, layer=0, slot=0):
 
 def test_streaming_keeps_sinks_and_the_most_recent():
     cache = filled_cache()  # 35 tokens, arrivals 0..34
-    policy = make_policy("streaming", 20, 3000, budget=10)
+    policy = PolicySpec("streaming", budget=10).build(20, 3000)
     policy.after_step(cache, torch.tensor([11]), None)
     assert kept_arrivals(cache) == [0, 1, 2, 3, 29, 30, 31, 32, 33, 34]
 
 
 def test_h2o_keeps_the_recent_half_and_the_heaviest_older_tokens():
     cache = filled_cache()
-    policy = make_policy("h2o", 20, 3000, budget=8)
+    policy = PolicySpec("h2o", budget=8).build(20, 3000)
     policy.prepare(cache)
     heavy = [2, 7, 11, 20]
     cache.token_state["h2o_received"][:, 0, heavy] = torch.tensor([5.0, 4.0, 3.0, 2.0])
@@ -73,7 +73,7 @@ def test_l2_keeps_the_lowest_key_norms_and_the_newest():
     norms = torch.arange(35, 0, -1).float()  # oldest tokens have the largest norms
     norms[5] = 0.5
     cache.keys[:, 0, :35] = norms[None, :, None, None] / cache.keys.shape[-1] ** 0.5
-    policy = make_policy("l2", 20, 3000, budget=4)
+    policy = PolicySpec("l2", budget=4).build(20, 3000)
     policy.after_step(cache, torch.tensor([11]), None)
     assert kept_arrivals(cache) == [5, 32, 33, 34]
 
@@ -82,7 +82,7 @@ def test_random_keeps_the_budget_with_the_newest_and_is_seeded():
     kept = []
     for _ in range(2):
         cache = filled_cache()
-        make_policy("random", 20, 3000, budget=6).after_step(cache, torch.tensor([11]), None)
+        PolicySpec("random", budget=6).build(20, 3000).after_step(cache, torch.tensor([11]), None)
         kept.append(kept_arrivals(cache, layer=1))
         assert len(kept[-1]) == 6 and 34 in kept[-1]
     assert kept[0] == kept[1]
@@ -90,7 +90,7 @@ def test_random_keeps_the_budget_with_the_newest_and_is_seeded():
 
 def test_ratio_budget_follows_the_episode_length():
     cache = filled_cache()
-    make_policy("streaming", 20, 3000, ratio=0.2).after_step(cache, torch.tensor([11]), None)
+    PolicySpec("streaming", ratio=0.2).build(20, 3000).after_step(cache, torch.tensor([11]), None)
     assert len(kept_arrivals(cache)) == 7  # ceil(0.2 * 35)
 
 
@@ -131,8 +131,20 @@ def test_a_policy_file_registers_a_policy_or_says_what_is_wrong(capsys, tmp_path
     silent.write_text("x = 1\n")
     broken = tmp_path / "broken.py"
     broken.write_text("def oops(:\n")
-    for path, needle in ((tmp_path / "missing.py", "does not exist"),
-                         (silent, "registers no new policy"), (broken, "SyntaxError")):
-        code = main(["rollout", "--env", "hopper", "--policy", "x", "--policy-file", str(path)])
+    policy = ("from dataclasses import dataclass\nfrom dtmem.memory import ScoredPolicy, register"
+              "\n@register\n@dataclass\nclass Mine(ScoredPolicy):\n    name = {name!r}\n"
+              "    def score(self, cache, timestep, attention):\n        return {score}\n")
+    clash = tmp_path / "clash.py"
+    clash.write_text(policy.format(name="h2o", score="cache.arrival"))
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text(policy.format(name="wrong-shape", score="cache.arrival[0]"))
+    for path, name, needle in ((tmp_path / "missing.py", "x", "does not exist"),
+                               (silent, "x", "registers no new policy"),
+                               (broken, "x", "SyntaxError"),
+                               (clash, "h2o", "taken by a built-in policy"),
+                               (wrong, "wrong-shape", "score() returned shape")):
+        code = main(["rollout", "--env", "hopper", "--policy", name, "--policy-file", str(path),
+                     "--budget", "9", "--episodes", "1", "--checkpoint", str(checkpoint)])
         err = capsys.readouterr().err
-        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert POLICIES["h2o"].__module__ == "dtmem.memory.h2o"  # the clash replaced nothing

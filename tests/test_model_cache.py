@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dtmem.memory import make_policy
+from dtmem.memory import PolicySpec
 from dtmem.model import DecisionTransformer, DTConfig
 
 
@@ -77,7 +77,7 @@ def test_window_compaction_changes_nothing(model):
     rtg, states, actions = episode_inputs(E=2, T=60)
     results = []
     for capacity in (3 * 60, 3 * 20 + 3):
-        policy = make_policy("window", context_steps=20, max_tokens=180)
+        policy = PolicySpec("window").build(20, 180)
         cache = model.new_cache(2, capacity)
         results.append(decode_all(model, cache, rtg, states, actions, policy)[0])
         assert int(cache.held().max()) <= 3 * 20
@@ -91,7 +91,7 @@ def test_a_growing_cache_matches_one_allocated_whole(model, monkeypatch):
     caches, outputs = [], []
     for initial in (90, 8):
         monkeypatch.setattr("dtmem.cache.INITIAL_TOKENS", initial)
-        policy = make_policy("h2o", context_steps=20, max_tokens=90, ratio=0.5)
+        policy = PolicySpec("h2o", ratio=0.5).build(20, 90)
         cache = model.new_cache(2, policy.capacity())
         policy.prepare(cache)
         outputs.append(decode_all(model, cache, rtg, states, actions, policy)[0])
@@ -129,7 +129,7 @@ def test_a_shrinking_batch_trims_its_cache_and_changes_nothing(model, monkeypatc
 
 def test_window_keeps_exactly_the_last_k_steps(model):
     rtg, states, actions = episode_inputs(E=1, T=30)
-    policy = make_policy("window", context_steps=5, max_tokens=90)
+    policy = PolicySpec("window").build(5, 90)
     cache = model.new_cache(1, policy.capacity())
     decode_all(model, cache, rtg, states, actions, policy)
     for layer in range(2):

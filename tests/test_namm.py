@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dtmem import namm
-from dtmem.memory import make_policy
+from dtmem.memory import PolicySpec
+from dtmem.memory.namm import features, io, scorers
 from dtmem.model import DecisionTransformer, DTConfig
 
 
@@ -24,14 +24,14 @@ def reference_spectrogram(signal):
 def test_features_match_a_straightforward_reference():
     rng = np.random.default_rng(0)
     signal = rng.random((3, 16 + 64))  # 3 tokens, 16 carried-over + n_up = 64 samples
-    frames = namm.spectrogram(torch.tensor(signal))
+    frames = features.spectrogram(torch.tensor(signal))
     assert frames.shape == (3, 4, 17)
     for token in range(3):
         assert np.allclose(frames[token].numpy(), reference_spectrogram(signal[token]), atol=1e-9)
 
     state = torch.tensor(rng.random((3, 17)))
     first = torch.tensor([0, 2, 4])  # token 2 arrived after the last frame began
-    new = namm.ema_update(state, frames, first).numpy()
+    new = features.ema_update(state, frames, first).numpy()
     g16 = 0.99 ** 16
     for token in range(3):
         expected = state[token].numpy() * 0.99 ** 64
@@ -40,16 +40,16 @@ def test_features_match_a_straightforward_reference():
                 expected = expected + g16 ** (3 - f) * (1 - g16) * frames[token, f].numpy()
         assert np.allclose(new[token], expected)
 
-    emb = namm.recency(torch.tensor([0, 7]))
+    emb = features.recency(torch.tensor([0, 7]))
     assert torch.allclose(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
     freqs = 1 / 50000 ** (np.arange(4) / 4)
     assert np.allclose(emb[1].numpy(), np.concatenate([np.sin(7 * freqs), np.cos(7 * freqs)]))
 
 
 def test_parameter_counts_match_the_published_layout():
-    assert namm.BAM_PARAMS == 4172 == max(b for _, b, _ in namm.BAM_LAYOUT.values())
-    assert sum(b - a for a, b, _ in namm.BAM_LAYOUT.values()) == 4172
-    assert sum(b - a for a, b, _ in namm.MLP_LAYOUT.values()) == namm.MLP_PARAMS
+    assert scorers.BAM_PARAMS == 4172 == max(b for _, b, _ in scorers.BAM_LAYOUT.values())
+    assert sum(b - a for a, b, _ in scorers.BAM_LAYOUT.values()) == 4172
+    assert sum(b - a for a, b, _ in scorers.MLP_LAYOUT.values()) == scorers.MLP_PARAMS
 
 
 def test_bam_mask_is_backward():
@@ -58,17 +58,17 @@ def test_bam_mask_is_backward():
     params = torch.randn(1, 4172) * 0.3
     x = torch.randn(1, 5, 25)  # arrival order
     lengths = torch.tensor([5])
-    base = namm.bam_scores(params, x, lengths)
+    base = scorers.bam_scores(params, x, lengths)
     newest, oldest = x.clone(), x.clone()
     newest[0, 4] += 1.0
     oldest[0, 0] += 1.0
-    assert not torch.allclose(namm.bam_scores(params, newest, lengths)[0, :4], base[0, :4])
-    assert torch.allclose(namm.bam_scores(params, oldest, lengths)[0, 1:], base[0, 1:])
+    assert not torch.allclose(scorers.bam_scores(params, newest, lengths)[0, :4], base[0, :4])
+    assert torch.allclose(scorers.bam_scores(params, oldest, lengths)[0, 1:], base[0, 1:])
 
 
 def masked_bam_reference(params, x):
     """The backward mask written out (token i attends to j >= i), for one unpadded group."""
-    p = namm.unpack(params, namm.BAM_LAYOUT)
+    p = scorers.unpack(params, scorers.BAM_LAYOUT)
     q, k, v = (x @ p["qkv_w"][0] + p["qkv_b"][0]).split(32, dim=-1)
     logits = (q @ k.T / 32**0.5).masked_fill(torch.ones(len(x), len(x)).tril(-1).bool(),
                                               float("-inf"))
@@ -81,7 +81,7 @@ def test_bam_scores_of_padded_groups_in_buckets_match_each_group_alone():
     lengths = torch.tensor([3, 40, 25, 2, 22, 40])  # buckets: 40 40 | 25 22 | 3 2
     params = torch.randn(len(lengths), 4172) * 0.3
     x = torch.randn(len(lengths), 40, 25)
-    scores = namm.bam_scores(params, x, lengths, chunk_elements=2 * 40**2)
+    scores = scorers.bam_scores(params, x, lengths, chunk_elements=2 * 40**2)
     for b, n in enumerate(lengths.tolist()):
         alone = masked_bam_reference(params[b:b + 1], x[b, :n])
         assert torch.allclose(scores[b, :n], alone, atol=1e-5)
@@ -106,6 +106,13 @@ def decode_steps(policy, steps=40, slots=2, params=None):
     return cache, torch.stack(held)
 
 
+def zero_namm(context_steps, max_tokens, budget=None, **options):
+    """A NAMM whose network is all zeros (every score 0: keep everything) and whose
+    statistics are still to be collected, as at the start of evolution."""
+    return PolicySpec("namm", budget, options={"params": torch.zeros(4172), **options}).build(
+        context_steps, max_tokens)
+
+
 def bias_only(value):
     params = torch.zeros(4172)
     params[4171] = value  # read-out bias: every token scores `value`
@@ -113,7 +120,7 @@ def bias_only(value):
 
 
 def test_zero_parameters_keep_everything_and_collect_statistics():
-    policy = make_policy("namm", 20, 3000)
+    policy = zero_namm(20, 3000)
     cache, held = decode_steps(policy)
     assert int(held[-1].min()) == 3 * 40 - 1
     assert policy.stats[2] > 0 and torch.isfinite(policy.stats[0]).all()
@@ -124,7 +131,7 @@ def test_tokens_without_attention_are_neither_scored_nor_counted_in_statistics(n
     # A scorer that would evict everything: only the newest token and the tokens that
     # arrived after the update's n_up queries may remain, and the statistics count only
     # tokens with at least one frame of attention (2 layers, 2 slots, 1 head).
-    policy = make_policy("namm", 20, 3000, n_up=n_up)
+    policy = zero_namm(20, 3000, n_up=n_up)
     first_update = next(t for t in range(40) if 2 + 3 * t >= n_up)
     unseen = 2 + 3 * first_update - n_up
     cache, held = decode_steps(policy, steps=first_update + 1,
@@ -141,7 +148,7 @@ def test_each_token_ema_is_built_from_exactly_the_attention_it_received():
     torch.manual_seed(0)
     model = DecisionTransformer(DTConfig(state_dim=3, act_dim=2, n_layer=2, n_embd=16)).eval()
     n_up, steps, start = 32, 40, torch.tensor([0, 5])
-    policy = make_policy("namm", 20, 3 * steps, n_up=n_up)
+    policy = zero_namm(20, 3 * steps, n_up=n_up)
     cache = model.new_cache(2, policy.capacity())
     policy.prepare(cache)
     g = torch.Generator().manual_seed(1)
@@ -177,7 +184,7 @@ def test_each_token_ema_is_built_from_exactly_the_attention_it_received():
 
 
 def test_negative_scores_evict_all_but_the_unscored_newest_at_each_update_per_slot():
-    policy = make_policy("namm", 20, 3000, n_up=48)
+    policy = zero_namm(20, 3000, n_up=48)
     params = torch.stack([bias_only(0.0), bias_only(-1.0)])  # slot 0 keeps, slot 1 forgets
     cache, held = decode_steps(policy, steps=40, params=params)
     # n_up = 48 queries: the first update follows step 16 (2 + 15 * 3 + 3 = 50 >= 48); the
@@ -189,7 +196,7 @@ def test_negative_scores_evict_all_but_the_unscored_newest_at_each_update_per_sl
 
 
 def test_hard_cap_and_frozen_statistics():
-    policy = make_policy("namm", 20, 3000, budget=10, n_up=48)
+    policy = zero_namm(20, 3000, budget=10, n_up=48)
     policy.collect_stats = False
     before = policy.stats
     cache, held = decode_steps(policy, steps=40)
@@ -203,7 +210,7 @@ def test_n_up_must_be_a_multiple_of_16():
     from dtmem.memory.namm import NAMM
 
     with pytest.raises(UserError):
-        NAMM(20, 3000, n_up=40)
+        NAMM(20, 3000, params=torch.zeros(4172), n_up=40)
 
 
 def test_import_of_an_original_checkpoint_scores_identically(capsys, tmp_path, checkpoint):
@@ -231,8 +238,8 @@ def test_import_of_an_original_checkpoint_scores_identically(capsys, tmp_path, c
         "memory_policy.token_embedding.online_output_mean"].reshape(17))
     # The same features give the same scores as the vector used directly.
     x, lengths = torch.randn(2, 6, 25), torch.tensor([6, 4])
-    assert torch.equal(namm.bam_scores(imported.params.expand(2, -1), x, lengths),
-                       namm.bam_scores(mean.expand(2, -1), x, lengths))
+    assert torch.equal(scorers.bam_scores(imported.params.expand(2, -1), x, lengths),
+                       scorers.bam_scores(mean.expand(2, -1), x, lengths))
     out = tmp_path / "r.json"
     assert main(["rollout", "--policy", "namm", "--namm", str(tmp_path / "mine.pt"),
                  "--episodes", "2", "--checkpoint", str(checkpoint), "--json", str(out)]) == 0
@@ -248,7 +255,7 @@ def test_bad_namm_files_are_one_line_errors(capsys, tmp_path, checkpoint, conten
 
     path = tmp_path / "bad.pt"
     if content is None:
-        namm.save_namm(path, "bam", torch.zeros(10), (torch.zeros(17), torch.ones(17), 1), 48, {})
+        io.save_namm(path, "bam", torch.zeros(10), (torch.zeros(17), torch.ones(17), 1), 48, {})
     else:
         path.write_bytes(content)
     code = main(["rollout", "--policy", "namm", "--namm", str(path), "--checkpoint",
@@ -258,33 +265,33 @@ def test_bad_namm_files_are_one_line_errors(capsys, tmp_path, checkpoint, conten
 
 
 def test_zero_parameter_namm_reproduces_the_full_rollout_exactly(checkpoint):
-    from dtmem.checkpoints import load_model
+    from dtmem.checkpoints import Checkpoint
     from dtmem.rollout import rollout
     from dtmem.tasks import resolve_task
 
-    model, payload = load_model(checkpoint)
+    ckpt = Checkpoint.load(checkpoint)
     task = resolve_task("hopper")
     runs = {}
-    for policy in ("full", "namm"):
-        memory = make_policy("namm", 20, 3000, n_up=16) if policy == "namm" else None
-        results, _ = rollout(model, payload["state_mean"], payload["state_std"], task, policy,
-                             episodes=4, slots=2, memory=memory)
-        runs[policy] = [(r.ret, r.length, r.max_tokens) for r in results]
+    for name, policy in (("full", PolicySpec("full").build(20, 3000)),
+                         ("namm", zero_namm(20, 3000, n_up=16))):
+        results, _ = rollout(ckpt.model, ckpt.state_mean, ckpt.state_std, task, policy,
+                             episodes=4, slots=2)
+        runs[name] = [(r.ret, r.length, r.max_tokens) for r in results]
     assert runs["namm"] == runs["full"]
 
 
 def test_slots_keep_their_own_namm_when_the_batch_sheds_finished_ones(checkpoint):
     """Episodes end at different steps, so the rollout drops finished slots and renumbers
     the rest; every remaining slot must keep its own parameters and pending queries."""
-    from dtmem.checkpoints import load_model
+    from dtmem.checkpoints import Checkpoint
     from dtmem.rollout import rollout
     from dtmem.tasks import resolve_task
 
-    model, payload = load_model(checkpoint)
-    memory = make_policy("namm", 20, 3000, n_up=16)
+    ckpt = Checkpoint.load(checkpoint)
+    memory = zero_namm(20, 3000, n_up=16)
     memory.params = torch.stack([bias_only(0.0), bias_only(-1.0)] * 4)  # even slots keep all
-    results, _ = rollout(model, payload["state_mean"], payload["state_std"],
-                         resolve_task("hopper"), "namm", episodes=8, memory=memory)
+    results, _ = rollout(ckpt.model, ckpt.state_mean, ckpt.state_std,
+                         resolve_task("hopper"), memory, episodes=8)
     assert len(memory.pending) < 8  # the batch did shrink
     for i, r in enumerate(results):
         if i % 2 == 0:

@@ -16,9 +16,6 @@ def cells(tmp_path, checkpoint, monkeypatch, capsys):
     shipped.mkdir()
     shutil.copy(checkpoint, shipped / "hopper-medium.pt")
     monkeypatch.setattr(checkpoints, "SHIPPED_DIR", shipped)
-    import dtmem.report
-
-    monkeypatch.setattr(dtmem.report, "SHIPPED_DIR", shipped)
     folder = tmp_path / "cells"
     for policy, extra in (("recompute", []), ("full", []), ("streaming", ["--budget", "12"])):
         assert main(["rollout", "--task", "hopper-medium", "--policy", policy, "--episodes", "4",

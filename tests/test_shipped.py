@@ -7,8 +7,7 @@ from dtmem.behavior import MLPPolicy
 from dtmem.checkpoints import SHIPPED_DIR
 from dtmem.data import POLICIES_DIR, make_behavior
 from dtmem.memory import POLICIES
-from dtmem.namm import SHIPPED as SHIPPED_NAMM
-from dtmem.namm import load_namm
+from dtmem.memory.namm.io import load_namm, shipped_file
 from dtmem.tasks import default_tasks, make_env
 
 POLICY_FILES = sorted(POLICIES_DIR.glob("*.npz"))
@@ -38,21 +37,37 @@ def test_shipped_checkpoint_runs_its_task(capsys, path):
     assert "normalised score" in capsys.readouterr().out
 
 
-NAMM_FILES = sorted(SHIPPED_NAMM.parent.glob("*.pt"))
+NAMM_FILES = sorted(shipped_file("default").parent.glob("*.pt"))
 
 
 def test_the_default_namm_ships():
-    assert SHIPPED_NAMM.exists(), "`dtmem rollout --policy namm` needs data/namm/default.pt"
+    assert shipped_file("default").exists(), "`dtmem rollout --policy namm` needs data/namm/default.pt"
 
 
 @pytest.mark.parametrize("path", NAMM_FILES, ids=[p.stem for p in NAMM_FILES])
 def test_shipped_namm_declares_its_sources_and_runs(capsys, path):
     from dtmem.cli import main
-    from dtmem.namm import namm_policy
+    from dtmem.memory.namm import policy_for_file
 
-    policy = namm_policy(path)
+    policy = policy_for_file(path)
     _, stats, n_up, meta = load_namm(path, POLICIES[policy].scorer)
     assert meta["stages"] and stats[2] > 0 and n_up % 16 == 0
     assert main(["rollout", "--env", "hopper", "--policy", policy, "--namm", str(path),
                  "--episodes", "1"]) == 0
     assert "normalised score" in capsys.readouterr().out
+
+
+def test_no_committed_result_names_a_machine_path():
+    """Results, reports and logs say where things are relative to the repository."""
+    import re
+
+    from dtmem.tasks import ROOT
+
+    files = [p for pattern in ("results/**/*.json", "results/**/*.md", "results/**/*.csv",
+                               "data/**/*.csv", "data/**/*.json")
+             for p in ROOT.glob(pattern)]
+    assert files
+    for path in files:
+        text = path.read_text()
+        assert str(ROOT) not in text, path
+        assert not re.search(r'": "/|(?<![\w.])/(?:home|root|tmp|work|Users)/', text), path

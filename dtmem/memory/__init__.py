@@ -1,40 +1,63 @@
 """Memory policies: each decides which KV-cache tokens a Decision Transformer forgets.
 
-A policy is one small file in this package: a subclass of MemoryPolicy registered with
-@register. The rollout engine calls `after_step` once per env step, after the new
-tokens (a_{t-1}, R_t, s_t) were decoded; the policy marks tokens with `cache.evict`.
-It never touches the model. `recompute` (re-running the last K steps from scratch each
-step, the field's standard) is not a cache policy; the rollout engine runs it itself.
+A policy is one small file in this package (or a sub-package, as the NAMM): a dataclass
+subclass of MemoryPolicy, registered with @register, whose settings are fields with a
+one-line docstring each. The rollout engine calls `after_step` once per env step, after
+the new tokens (a_{t-1}, R_t, s_t) were decoded; the policy marks tokens with
+`cache.evict`. It never touches the model. `PolicySpec` is the one place a policy is made.
 """
 
 import importlib
 import importlib.util
 import pkgutil
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from dtmem.errors import UserError
 
 POLICIES = {}
+BUILT_IN = set()  # the names this package registers itself
 
 
-def register(cls):
-    POLICIES[cls.name] = cls
-    return cls
+def register(cls=None, *, replace=False):
+    """Class decorator: make a policy available by its `name`. A name that dtmem already
+    uses is refused unless replace=True (a student's "h2o" must not silently replace ours)."""
+    def add(cls):
+        if cls.name in BUILT_IN and not replace:
+            raise UserError(f"policy name {cls.name!r} is taken by a built-in policy; rename "
+                            "your class's `name`, or use @register(replace=True) to replace it")
+        POLICIES[cls.name] = cls
+        return cls
+    return add(cls) if cls is not None else add
 
 
+@dataclass
 class MemoryPolicy:
-    name = ""
-    needs_attention = False  # True: after_step receives attention probabilities
-    takes_budget = False  # True: the policy keeps a fixed token count or a ratio
+    """Base: keep every token. Subclasses override the hooks they need."""
 
-    def __init__(self, context_steps: int, max_tokens: int, budget=None, ratio=None):
-        self.context_steps = context_steps  # K of the DT
-        self.max_tokens = max_tokens  # tokens of a whole episode (3 per step)
+    name: ClassVar[str] = ""
+    needs_attention: ClassVar[bool] = False  # True: after_step receives attention rows
+    takes_budget: ClassVar[bool] = False  # True: a fixed token count or a ratio is kept
+    uses_cache: ClassVar[bool] = True  # False: no KV cache, the last K steps are recomputed
+    # False: which tokens a slot keeps depends on the other slots of the batch (e.g. one
+    # random draw for the whole batch), so results depend on the slot count.
+    slot_independent: ClassVar[bool] = True
+
+    context_steps: int
+    """K, the timesteps of the DT's training window"""
+    max_tokens: int
+    """tokens of a whole episode (3 per step)"""
 
     def capacity(self) -> int:
         """Cache positions per slot this policy needs (compaction reclaims evicted ones)."""
+        return self.max_tokens
+
+    def max_held(self) -> int:
+        """The most tokens a layer of one slot can hold at a decode step under this policy
+        (its budget plus what arrives before it next evicts)."""
         return self.max_tokens
 
     def prepare(self, cache):
@@ -52,27 +75,49 @@ class MemoryPolicy:
         [E, H, n_new, span] probabilities of the new queries (rows of missing tokens are
         zero), or None."""
 
+    def describe(self) -> dict:
+        """What a results file records about this policy beyond its name."""
+        return {"budget": None, "ratio": None}
+
 
 SLACK_TOKENS = 48  # room beyond a fixed budget, so compaction runs every 16 steps
 
 
+def keep_top(scores, keep, protected):
+    """Mask [L, E, C] of each (layer, slot)'s `keep` [L or 1, E, 1] highest scores, the
+    `protected` tokens first; ties go to the older position (a stable sort)."""
+    scores = scores.masked_fill(protected, float("inf"))
+    rank = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    return rank < keep
+
+
+@dataclass
 class ScoredPolicy(MemoryPolicy):
-    """Keep the `budget` highest-scoring tokens of each layer and slot: a fixed count, or a
-    `ratio` of the tokens the episode has produced so far. The newest token always stays
-    (as in NAMM). Subclasses define `score`; higher means keep."""
+    """Keep the `budget` highest-scoring tokens of each layer and slot, or a `ratio` of the
+    tokens the episode has produced so far. The newest token always stays (as in NAMM).
+    Subclasses define `score`; higher means keep."""
 
-    takes_budget = True
+    takes_budget: ClassVar[bool] = True
 
-    def __init__(self, context_steps, max_tokens, budget=None, ratio=None):
-        super().__init__(context_steps, max_tokens)
-        if budget is None and ratio is None:
-            budget = 3 * context_steps  # the tokens of the DT's usual K-step window
-        self.budget, self.ratio = budget, ratio
+    budget: int | None = None
+    """tokens kept per layer (default 3K, the tokens of the DT's own window)"""
+    ratio: float | None = None
+    """or: the fraction of the episode's tokens so far that is kept"""
+
+    def __post_init__(self):
+        if self.budget is None and self.ratio is None:
+            self.budget = 3 * self.context_steps
+        check_budget(self.budget, self.ratio, self.max_tokens)
 
     def capacity(self):
         if self.budget is None:
             return self.max_tokens
         return min(self.max_tokens, self.budget + SLACK_TOKENS)
+
+    def max_held(self):
+        # A ratio's budget grows with the episode; a fixed one is exceeded only by the
+        # 3 tokens of the step decoded before the next eviction.
+        return self.max_tokens if self.budget is None else min(self.max_tokens, self.budget + 3)
 
     def score(self, cache, timestep, attention):
         """[L, E, C] float; only valid positions are read."""
@@ -86,33 +131,72 @@ class ScoredPolicy(MemoryPolicy):
         over = cache.held() > keep  # [L, E]
         if not over.any():
             return
-        scores = self.score(cache, timestep, attention).float()
-        scores = scores.masked_fill(~cache.valid, float("-inf"))
-        newest = cache.arrival == (cache.n_arrived - 1)[None, :, None]
-        scores = scores.masked_fill(newest & cache.valid, float("inf"))
-        rank = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-        cache.evict(cache.valid & over[..., None] & (rank >= keep[None, :, None]))
+        scores = self.score(cache, timestep, attention)
+        if scores.shape != cache.valid.shape:
+            raise UserError(f"policy {self.name!r}: score() returned shape "
+                            f"{tuple(scores.shape)}; it must be {tuple(cache.valid.shape)}, "
+                            "one score per cached position (layers, slots, capacity)")
+        scores = scores.float().masked_fill(~cache.valid, float("-inf"))
+        newest = cache.valid & (cache.arrival == (cache.n_arrived - 1)[None, :, None])
+        kept = keep_top(scores, keep[None, :, None], newest)
+        cache.evict(cache.valid & over[..., None] & ~kept)
+
+    def describe(self):
+        return {"budget": self.budget, "ratio": self.ratio}
 
 
 def policy_names():
-    return ["recompute", *POLICIES]
+    """Every registered policy, the base (recompute) first."""
+    return sorted(POLICIES, key=lambda name: (POLICIES[name].uses_cache, name))
 
 
-def make_policy(name, context_steps, max_tokens, budget=None, ratio=None,
-                **options) -> MemoryPolicy:
-    """options: policy-specific settings (NAMM: namm_file, n_up)."""
-    if name not in POLICIES:
-        raise UserError(f"unknown policy {name!r}; valid policies: {', '.join(policy_names())}")
-    cls = POLICIES[name]
-    if (budget is not None or ratio is not None) and not cls.takes_budget:
-        raise UserError(f"policy {name!r} takes no --budget or --ratio")
+def check_budget(budget, ratio, max_tokens):
     if budget is not None and ratio is not None:
         raise UserError("give either --budget or --ratio, not both")
     if budget is not None and not 3 <= budget <= max_tokens:
         raise UserError(f"--budget must be between 3 and {max_tokens} tokens, got {budget}")
     if ratio is not None and not 0 < ratio <= 1:
         raise UserError(f"--ratio must be in (0, 1], got {ratio}")
-    return cls(context_steps, max_tokens, budget=budget, ratio=ratio, **options)
+
+
+@dataclass
+class PolicySpec:
+    """A memory policy by name with its settings: the one place where policies are made."""
+
+    name: str
+    budget: int | None = None
+    ratio: float | None = None
+    options: dict = field(default_factory=dict)
+    """policy-specific settings, by field name (e.g. a NAMM's namm_file)"""
+    label: str | None = None
+    """names the cell in reports where name and budget do not (e.g. namm-local)"""
+
+    @property
+    def policy_class(self):
+        if self.name not in POLICIES:
+            raise UserError(f"unknown policy {self.name!r}; valid policies: "
+                            f"{', '.join(policy_names())}")
+        return POLICIES[self.name]
+
+    @property
+    def cell_name(self):
+        if self.label:
+            return self.label
+        size = self.budget if self.budget is not None else self.ratio
+        return self.name + (f"@{size}" if size is not None else "")
+
+    def build(self, context_steps, max_tokens) -> MemoryPolicy:
+        """The policy for a DT of K = context_steps on episodes of max_tokens tokens."""
+        cls = self.policy_class
+        if (self.budget is not None or self.ratio is not None) and not cls.takes_budget:
+            raise UserError(f"policy {self.name!r} takes no --budget or --ratio")
+        settings = {f.name for f in fields(cls) if f.init} - {"context_steps", "max_tokens"}
+        unknown = sorted(set(self.options) - settings)
+        if unknown:
+            raise UserError(f"policy {self.name!r} has no setting {', '.join(unknown)}; its "
+                            f"settings: {', '.join(sorted(settings)) or 'none'}")
+        sizes = {"budget": self.budget, "ratio": self.ratio} if cls.takes_budget else {}
+        return cls(context_steps=context_steps, max_tokens=max_tokens, **sizes, **self.options)
 
 
 def load_policy_file(path):
@@ -125,6 +209,8 @@ def load_policy_file(path):
     before = dict(POLICIES)
     try:
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    except UserError as e:
+        raise UserError(f"policy file {path}: {e}") from None
     except Exception as e:  # the user's own code: report it in one line, with its line number
         raise UserError(f"policy file {path} failed: {type(e).__name__}: {e}") from None
     if POLICIES == before:
@@ -134,3 +220,4 @@ def load_policy_file(path):
 # Import every module of this package so that each policy registers itself.
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
+BUILT_IN.update(POLICIES)

@@ -1,9 +1,12 @@
+from dataclasses import dataclass
+
 import torch
 
 from dtmem.memory import ScoredPolicy, register
 
 
 @register
+@dataclass
 class HeavyHitters(ScoredPolicy):
     """H2O: half the budget for the most recent tokens, half for the "heavy hitters", the
     older tokens that have received the most attention so far (summed over every query

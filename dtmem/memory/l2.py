@@ -1,7 +1,10 @@
+from dataclasses import dataclass
+
 from dtmem.memory import ScoredPolicy, register
 
 
 @register
+@dataclass
 class KeyNorm(ScoredPolicy):
     """L2-norm (Devoto et al. 2024): keys with a LOW L2 norm tend to draw high attention,
     so those are kept. Applied to every layer and from the first step (the reference

@@ -1,18 +1,26 @@
+from dataclasses import dataclass, field
+
 import torch
 
 from dtmem.memory import ScoredPolicy, register
 
 
 @register
+@dataclass
 class Random(ScoredPolicy):
     """Random eviction at the same budget: the sanity floor every policy must beat.
     Seeded, so the same run evicts the same tokens."""
 
     name = "random"
+    slot_independent = False  # one draw of scores for the whole batch
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.generator = torch.Generator().manual_seed(0)
+    seed: int = 0
+    """seeds the generator of the scores"""
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     def score(self, cache, timestep, attention):
         return torch.rand(cache.valid.shape, generator=self.generator).to(cache.valid.device)

@@ -1,14 +1,18 @@
-from dtmem.memory import ScoredPolicy, register
+from dataclasses import dataclass
 
-SINK_TOKENS = 4  # StreamingLLM's default number of attention sinks
+from dtmem.memory import ScoredPolicy, register
 
 
 @register
+@dataclass
 class Streaming(ScoredPolicy):
     """StreamingLLM: the first few tokens (attention sinks) plus the most recent ones."""
 
     name = "streaming"
 
+    sinks: int = 4
+    """first tokens of the episode always kept (StreamingLLM's default: 4)"""
+
     def score(self, cache, timestep, attention):
         # Newer tokens score higher; sinks score above everything else.
-        return cache.arrival + (cache.arrival < SINK_TOKENS) * cache.max_arrival_bonus()
+        return cache.arrival + (cache.arrival < self.sinks) * cache.max_arrival_bonus()

@@ -1,4 +1,4 @@
-"""NAMM as a memory policy on the DT's KV cache (features and scorers: dtmem/namm.py).
+"""NAMM as a memory policy on the DT's KV cache (features.py and scorers.py hold the math).
 
 Every query's attention row is buffered per cached token; once a slot has n_up new
 queries, its tokens get new features and scores, and tokens scoring below 0 are evicted
@@ -11,11 +11,18 @@ Deviations from the LLM setting, each forced by the DT:
 Slots may carry different parameter vectors (one per population member in evolution).
 """
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 
-from dtmem import namm
 from dtmem.errors import UserError
-from dtmem.memory import SLACK_TOKENS, MemoryPolicy, register
+from dtmem.files import relative_to_root, sha256
+from dtmem.memory import SLACK_TOKENS, MemoryPolicy, keep_top, register
+from dtmem.memory.namm.features import (HOP, N_BINS, N_FEATURES, ema_update, merge_stats,
+                                        recency, spectrogram, standardise)
+from dtmem.memory.namm.io import load_namm, read_namm, shipped_file
+from dtmem.memory.namm.scorers import SCORERS
 
 # 32 DT steps. Measured: 10 generations of evolution on hopper-medium (same seed) with
 # n_up = 16, 48, 96 and 192; 96 had the best population mean and CMA-ES mean evaluation
@@ -26,44 +33,80 @@ DEFAULT_N_UP = 96
 
 
 @register
+@dataclass
 class NAMM(MemoryPolicy):
+    """Neural Attention Memory Model with the BAM scorer (backward attention, 4,172
+    parameters): evicts the tokens its network scores below zero."""
+
     name = "namm"
-    scorer = "bam"
+    scorer: ClassVar[str] = "bam"
+    n_params: ClassVar[int] = SCORERS["bam"][1]
+    default_file: ClassVar[str] = "default"  # data/namm/default.pt
     needs_attention = True
     takes_budget = True
 
-    def __init__(self, context_steps, max_tokens, budget=None, ratio=None, n_up=DEFAULT_N_UP,
-                 namm_file=None):
-        """namm_file: parameters, frozen statistics and n_up from a NAMM file; without
-        one the parameters are zero (keep everything) and statistics are collected."""
-        super().__init__(context_steps, max_tokens)
-        if ratio is not None:
+    budget: int | None = None
+    """hard cap on tokens per layer at each update (top-k before the threshold)"""
+    ratio: float | None = None
+    """not supported: a NAMM decides its own cache size"""
+    namm_file: str | None = None
+    """NAMM file (parameters, frozen statistics, n_up); default: the shipped one"""
+    n_up: int | None = None
+    """tokens between updates, a multiple of 16 (default: the file's; 96 with params)"""
+    params: torch.Tensor | None = None
+    """[P] or [E, P] parameters given directly (evolution; zeros keep everything)"""
+    stats: tuple | None = None
+    """with params: frozen statistics (mean, var, count); None: collect them"""
+    meta: dict = field(init=False, repr=False, default_factory=dict)
+    collect_stats: bool = field(init=False, default=False)
+
+    def __post_init__(self):
+        if self.ratio is not None:
             raise UserError(f"policy {self.name!r} takes a --budget (hard cap), not --ratio")
-        if n_up <= 0 or n_up % namm.HOP:
-            raise UserError(f"n_up must be a positive multiple of {namm.HOP}, got {n_up}")
-        self.cap, self.n_up = budget, n_up
-        self.score_fn, self.n_params = namm.SCORERS[self.scorer]
-        self.params = torch.zeros(self.n_params)  # [P] or [E, P]; zeros keep everything
-        # Per-bin standardisation statistics (mean, var, count); collected while
-        # collect_stats is True (the first evaluation, zero parameters), then frozen.
-        self.stats = (torch.zeros(namm.N_BINS), torch.ones(namm.N_BINS), 0)
-        self.collect_stats = True
-        if namm_file is not None:
-            self.params, self.stats, self.n_up, self.meta = namm.load_namm(namm_file,
-                                                                           self.scorer)
-            self.collect_stats = False
+        if self.budget is not None and not 3 <= self.budget <= self.max_tokens:
+            raise UserError(f"--budget must be between 3 and {self.max_tokens} tokens, "
+                            f"got {self.budget}")
+        self.score_fn = SCORERS[self.scorer][0]
+        if self.params is None:
+            self.namm_file = self.namm_file or shipped_file(self.default_file)
+            self.params, self.stats, n_up, self.meta = load_namm(self.namm_file, self.scorer)
+            if self.n_up not in (None, n_up):
+                raise UserError(f"{self.namm_file} was evolved with n_up {n_up}; "
+                                f"n_up {self.n_up} was asked for")
+            self.n_up = n_up
+        else:
+            self.n_up = self.n_up or DEFAULT_N_UP
+            # Per-bin standardisation statistics (mean, var, count): collected while
+            # collect_stats is True (the first evaluation, zero parameters), then frozen.
+            self.collect_stats = self.stats is None
+            if self.collect_stats:
+                self.stats = (torch.zeros(N_BINS), torch.ones(N_BINS), 0)
+        if self.n_up <= 0 or self.n_up % HOP:
+            raise UserError(f"n_up must be a positive multiple of {HOP}, got {self.n_up}")
+
+    def describe(self):
+        if self.namm_file is None:
+            return {"budget": self.budget, "ratio": None, "namm": None}
+        return {"budget": self.budget, "ratio": None,
+                "namm": relative_to_root(self.namm_file),
+                "namm_sha256": sha256(self.namm_file),
+                "namm_sources": sorted({t for stage in self.meta.get("stages", [])
+                                        for t in stage})}
 
     def capacity(self):
-        if self.cap is None:
+        return min(self.max_tokens, self.max_held() + SLACK_TOKENS)
+
+    def max_held(self):
+        if self.budget is None:
             return self.max_tokens
         # Between updates up to n_up + 2 tokens arrive on top of the cap.
-        return min(self.max_tokens, self.cap + self.n_up + 2 + SLACK_TOKENS)
+        return min(self.max_tokens, self.budget + self.n_up + 2)
 
     def prepare(self, cache):
         H = cache.keys.shape[3]
         cache.add_token_state("namm_rows", H, self.n_up + 2)  # pending attention
-        cache.add_token_state("namm_tail", H, namm.HOP)  # carried-over samples
-        cache.add_token_state("namm_ema", H, namm.N_BINS)
+        cache.add_token_state("namm_tail", H, HOP)  # carried-over samples
+        cache.add_token_state("namm_ema", H, N_BINS)
         E = cache.n_slots
         self.pending = torch.zeros(E, dtype=torch.long, device=cache.valid.device)
         self.period_start = torch.zeros_like(self.pending)  # arrival index of its 1st query
@@ -105,11 +148,11 @@ class NAMM(MemoryPolicy):
         slot = due[member]
         rows = pending_rows[layer, slot, pos]  # [N, H, n_up + 2]
         signal = torch.cat([tails[layer, slot, pos], rows[..., :n_up]], dim=-1)
-        frames = namm.spectrogram(signal.reshape(-1, namm.HOP + n_up))  # [N * H, Fr, 17]
+        frames = spectrogram(signal.reshape(-1, HOP + n_up))  # [N * H, Fr, 17]
         arrival = cache.arrival[layer, slot, pos]  # [N]
         # A token that arrived in this period has no attention before its own query.
         offset = (arrival - self.period_start[slot]).clamp(min=0)
-        first_frame = (offset // namm.HOP).repeat_interleave(H)
+        first_frame = (offset // HOP).repeat_interleave(H)
         # Tokens that arrived after this update's n_up queries (a DT step's 3 tokens do not
         # align with n_up: with n_up = 96, R_t and s_t wait for the next update) have received
         # no attention yet. The original never scores such a token (in the LLM every token of
@@ -119,10 +162,10 @@ class NAMM(MemoryPolicy):
         unseen = offset >= n_up  # [N]
         scored_lengths = lengths - (cache.n_arrived[due] - self.period_start[due]
                                     - n_up).clamp(min=0)  # [L, U]
-        ema = namm.ema_update(emas[layer, slot, pos].reshape(-1, namm.N_BINS), frames,
-                              first_frame).reshape(-1, H, namm.N_BINS)  # [N, H, 17]
+        ema = ema_update(emas[layer, slot, pos].reshape(-1, N_BINS), frames,
+                              first_frame).reshape(-1, H, N_BINS)  # [N, H, 17]
         emas[layer, slot, pos] = ema
-        tails[layer, slot, pos] = signal[..., -namm.HOP:]
+        tails[layer, slot, pos] = signal[..., -HOP:]
         # Queries past n_up wait for the next update. Only they move: the next period's
         # queries rewrite every other column of the buffer before it is read again.
         pending_rows[layer, slot, pos, :, : rows.shape[-1] - n_up] = rows[..., n_up:]
@@ -130,29 +173,27 @@ class NAMM(MemoryPolicy):
         self.period_start[due] += n_up
 
         if self.collect_stats:  # pooled over layers, slots, heads and calls
-            values = ema[~unseen].reshape(-1, namm.N_BINS)
+            values = ema[~unseen].reshape(-1, N_BINS)
             if len(values):
                 batch = (values.mean(0), values.var(0, unbiased=False), len(values))
-                self.stats = namm.merge_stats(self.stats, batch)
+                self.stats = merge_stats(self.stats, batch)
         age = cache.n_arrived[slot] - 1 - arrival
-        features = torch.cat([namm.recency(age)[:, None].expand(-1, H, -1),
-                              namm.standardise(ema, self.stats)], dim=-1)  # [N, H, 25]
-        padded = features.new_zeros(L, U, H, span, namm.N_FEATURES)
+        features = torch.cat([recency(age)[:, None].expand(-1, H, -1),
+                              standardise(ema, self.stats)], dim=-1)  # [N, H, 25]
+        padded = features.new_zeros(L, U, H, span, N_FEATURES)
         padded[layer, member, :, pos] = features
         params = self.params.to(features.device)
         params = (params[due] if params.dim() == 2 else params.expand(U, -1))
         params = params[None, :, None].expand(L, -1, H, -1).reshape(-1, self.n_params)
-        scores = self.score_fn(params, padded.reshape(-1, span, namm.N_FEATURES),
+        scores = self.score_fn(params, padded.reshape(-1, span, N_FEATURES),
                                scored_lengths[..., None].expand(-1, -1, H).reshape(-1))
         scores = scores.reshape(L, U, H, span).amax(2).masked_fill(~valid, float("-inf"))
         protected = valid & (cache.arrival[:, due, :span]
                              == (cache.n_arrived[due] - 1)[None, :, None])  # the newest
         protected[layer[unseen], member[unseen], pos[unseen]] = True
         keep = (scores >= 0) | protected
-        if self.cap is not None:
-            rank = scores.masked_fill(protected, float("inf")).argsort(
-                dim=-1, descending=True).argsort(dim=-1)
-            keep &= rank < self.cap
+        if self.budget is not None:
+            keep &= keep_top(scores, self.budget, protected)
         evict = torch.zeros_like(cache.valid)
         evict[:, due, :span] = valid & ~keep
         cache.evict(evict)
@@ -162,8 +203,21 @@ class NAMM(MemoryPolicy):
 
 
 @register
+@dataclass
 class NAMMMLP(NAMM):
-    """The MLP ablation: the same features, each token scored alone."""
+    """The MLP ablation as the original builds it: the same features, each token scored
+    alone by a linear read-out (26 parameters)."""
 
     name = "namm-mlp"
     scorer = "mlp"
+    n_params = SCORERS["mlp"][1]
+    default_file = "default-mlp"
+
+
+def policy_for_scorer(scorer):
+    """The memory policy that runs a scorer: namm (BAM) or namm-mlp."""
+    return next(cls.name for cls in (NAMM, NAMMMLP) if cls.scorer == scorer)
+
+
+def policy_for_file(path):
+    return policy_for_scorer(read_namm(path)["scorer"])
