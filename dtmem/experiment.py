@@ -161,7 +161,8 @@ def report(cfg: ExperimentConfig, readme=None, plots=True):
     print(table)
     if readme is not None:
         embed_in_readme(readme, "gains-table", table,
-                        "python scripts/run_experiment.py --update-readme", "results/report.json")
+                        "python scripts/run_experiment.py --report --update-readme",
+                        "results/report.json")
     if plots:
         from dtmem import plots as figures
 

@@ -1,13 +1,15 @@
-"""Run the experiment behind the table of return gains, then write the report.
+"""Run the experiment behind the table of return gains; with --report, write the report.
 
-    python scripts/run_experiment.py --update-readme              # every shipped task
     python scripts/run_experiment.py --tasks hopper-medium        # one task (resumable)
+    python scripts/run_experiment.py --block confirmation --cells recompute,window,full
+    python scripts/run_experiment.py --report --update-readme     # every shipped task
     python scripts/run_experiment.py --report-only                # re-make report and plots
 
-Cells (see dtmem/experiment.py) go to results/cells/<task>/; finished cells are kept, so
-an interrupted run resumes. Then `dtmem report` over every cell present writes
-results/report.{json,csv,md}, the plots (with the `plots` extra) and, with
---update-readme, the README's table.
+Cells (see dtmem/experiment.py) go to results/cells/<task>/ (development block) or
+results/confirm/<task>/ (confirmation block); finished cells are kept, so an interrupted
+run resumes. With --report (or --report-only), the cells present are summarised into
+results/report.{json,csv,md} and the plots (with the `plots` extra), and with
+--update-readme into the README's table; without, nothing committed is rewritten.
 """
 
 import argparse
@@ -24,6 +26,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_flags(parser, ExperimentConfig)
+    parser.add_argument("--report", action="store_true",
+                        help="after the rollouts, write the report (and plots)")
     parser.add_argument("--report-only", action="store_true",
                         help="skip the rollouts; report the cells already present")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
@@ -37,8 +41,9 @@ def main(argv=None):
     def work():
         if not args.report_only:
             run(cfg)
-        report(cfg, ROOT / "README.md" if args.update_readme else None,
-               plots=not args.no_plots)
+        if args.report or args.report_only or args.update_readme:
+            report(cfg, ROOT / "README.md" if args.update_readme else None,
+                   plots=not args.no_plots)
 
     return run_reporting_errors(work)
 
