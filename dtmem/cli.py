@@ -164,6 +164,10 @@ def make_parser():
     imp.add_argument("--out", required=True, help="the dtmem NAMM file to write")
     imp.add_argument("--n-up", type=positive, default=512,
                      help="tokens between updates (the LLM run used 512)")
+    ship = namm_commands.add_parser("ship", help="ship a finished evolution run in data/namm/")
+    ship.add_argument("run", help="the run directory of `dtmem evolve --out`")
+    ship.add_argument("--as", dest="name", required=True,
+                      help="the NAMM's name: default, default-mlp, or the task it was evolved on")
     ins = namm_commands.add_parser("inspect", help="which tokens a NAMM keeps over an episode")
     ins.add_argument("namm", nargs="?", help="NAMM file (default: the shipped one)")
     add_task_flags(ins)
@@ -298,6 +302,13 @@ def cmd_namm_import(args):
           f"{stats[2]} samples, n_up {args.n_up}")
 
 
+def cmd_namm_ship(args):
+    from dtmem.evolve import ship
+
+    for path in ship(args.run, args.name):
+        print(f"wrote {path}")
+
+
 def cmd_namm_inspect(args):
     from dtmem import plots
     from dtmem.checkpoints import Checkpoint
@@ -352,6 +363,7 @@ COMMANDS = {
     ("bench", "rollout"): cmd_bench, ("bench", "memory"): cmd_bench,
     ("bench", "evolve"): cmd_bench, ("evolve", None): cmd_evolve,
     ("namm", "import"): cmd_namm_import, ("namm", "inspect"): cmd_namm_inspect,
+    ("namm", "ship"): cmd_namm_ship,
     ("report", None): cmd_report,
 }
 

@@ -15,6 +15,7 @@ the fitness values it is told).
 import csv
 import json
 import multiprocessing
+import shutil
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +31,7 @@ from dtmem.files import atomic_path, git_commit, provenance, write_json
 from dtmem.memory import PolicySpec
 from dtmem.memory.namm import DEFAULT_N_UP, policy_for_scorer
 from dtmem.memory.namm.features import merge_stats
-from dtmem.memory.namm.io import save_namm
+from dtmem.memory.namm.io import SHIPPED_DIR, save_namm
 from dtmem.memory.namm.scorers import SCORERS
 from dtmem.results import build_policy
 from dtmem.rollout import rollout
@@ -50,8 +51,8 @@ class EvolveConfig:
     """CMA-ES population"""
     sigma: float = 0.065
     """initial CMA-ES step size"""
-    episodes: int = 2
-    """episodes per member per task"""
+    episodes: int = 8
+    """episodes per member per task (the fitness-noise study's choice, results/fitness-noise/)"""
     scorer: str = "bam"
     """bam or mlp"""
     n_up: int = DEFAULT_N_UP
@@ -59,9 +60,18 @@ class EvolveConfig:
     seed: int = 0
     """seeds CMA-ES and the env seeds of every generation"""
     eval_mean_every: int = 5
-    """generations between evaluations of the CMA-ES mean (kept in best.pt if it improves)"""
-    mean_episodes: int = 8
-    """episodes per task for each evaluation of the mean"""
+    """generations between validations of the CMA-ES mean (the stage's best is best.pt)"""
+    mean_episodes: int = 32
+    """episodes per task of each validation (env seeds VALIDATION_SEED..)"""
+
+
+# Env seeds evolution meets, apart from both table blocks (development 0..49, confirmation
+# 100000..100049): generations draw from TRAINING_SEED on, the standardisation statistics
+# from STATS_SEED, and every validation of the CMA-ES mean uses the fixed block at
+# VALIDATION_SEED, which no table and no generation uses.
+TRAINING_SEED = 100_000_000
+STATS_SEED = 50_000_000
+VALIDATION_SEED = 10_000_000
 
 
 def _cma():
@@ -115,7 +125,6 @@ class Evolution:
         self.recipe = es_recipe(self.es)
         self.history = []  # per generation: {"stage", "fitness": [...], ...}
         self.stats = None
-        self.best_mean_fitness = None
 
     def evaluate(self, member_params, tasks, episodes, seed):
         """Normalised score per member (mean over tasks and episodes), mean cache size,
@@ -149,10 +158,10 @@ class Evolution:
         the first stage's tasks, then frozen for the whole run."""
         zero = np.zeros((1, self.n_params))
         _, _, self.stats = self.evaluate(zero, self.cfg.stages[0], self.cfg.episodes,
-                                         self.cfg.seed)
+                                         STATS_SEED + 1000 * self.cfg.seed)
 
     def generation_seed(self, generation):
-        return self.cfg.seed * 1_000_003 + 1000 * (generation + 1)
+        return TRAINING_SEED + self.cfg.seed * 1_000_003 + 1000 * (generation + 1)
 
     def run(self, progress=True, stop_after=None):
         cfg = self.cfg
@@ -175,9 +184,10 @@ class Evolution:
                        "fitness": fitness.tolist(), "best": float(fitness.max()),
                        "mean": float(fitness.mean()), "mean_tokens": tokens, "mean_eval": None,
                        "wall": round(time.perf_counter() - begin, 2), "commit": git_commit()}
-                if (generation + 1) % cfg.eval_mean_every == 0 or generation + 1 == total:
+                if ((generation + 1) % cfg.eval_mean_every == 0
+                        or (generation + 1) % cfg.generations == 0):  # a stage's last
                     mean_fitness, _, _ = self.evaluate(self.es.mean[None], cfg.stages[stage],
-                                                       cfg.mean_episodes, seed=10_000_000)
+                                                       cfg.mean_episodes, VALIDATION_SEED)
                     row["mean_eval"] = float(mean_fitness[0])
                 self.history.append(row)
                 self.save(row)
@@ -196,18 +206,23 @@ class Evolution:
                 "commits": commits, "cma_es": self.recipe,
                 "provenance": provenance(evolve_config=asdict(self.cfg))}
         mean = torch.as_tensor(self.es.mean, dtype=torch.float32)
-        save_namm(self.out / "latest.pt", self.cfg.scorer, mean, self.stats,
-                       self.cfg.n_up, meta)
-        if row["mean_eval"] is not None and (self.best_mean_fitness is None
-                                             or row["mean_eval"] > self.best_mean_fitness):
-            self.best_mean_fitness = row["mean_eval"]
-            save_namm(self.out / "best.pt", self.cfg.scorer, mean, self.stats,
-                           self.cfg.n_up, {**meta, "mean_eval": row["mean_eval"]})
+        save_namm(self.out / "latest.pt", self.cfg.scorer, mean, self.stats, self.cfg.n_up,
+                  {**meta, "choice": f"the CMA-ES mean after generation {row['generation']}"})
+        # Validations of different stages score different task sets: the best is the
+        # stage's own, and the last stage's is the run's.
+        validated = [h["mean_eval"] for h in self.history
+                     if h["stage"] == row["stage"] and h["mean_eval"] is not None]
+        if row["mean_eval"] is not None and row["mean_eval"] >= max(validated):
+            save_namm(self.out / "best.pt", self.cfg.scorer, mean, self.stats, self.cfg.n_up,
+                      {**meta, "mean_eval": row["mean_eval"], "choice": (
+                          f"the best-validated CMA-ES mean of stage {row['stage']}: generation "
+                          f"{row['generation']}, {row['mean_eval']:.2f} over "
+                          f"{self.cfg.mean_episodes} episodes per task from env seed "
+                          f"{VALIDATION_SEED}")})
         mean_, var, count = self.stats
         write_json(self.out / "state.json", {
             "config": asdict(self.cfg), "cma_es": self.recipe,
-            "stats": [mean_.tolist(), var.tolist(), int(count)],
-            "best_mean_fitness": self.best_mean_fitness, "history": self.history})
+            "stats": [mean_.tolist(), var.tolist(), int(count)], "history": self.history})
         with atomic_path(self.out / "log.csv") as tmp:
             with open(tmp, "w", newline="") as f:
                 writer = csv.writer(f)
@@ -237,7 +252,7 @@ class Evolution:
         for row in state["history"]:
             candidates = run.es.ask()
             run.es.tell(candidates, [-f for f in row["fitness"]])
-        run.history, run.best_mean_fitness = state["history"], state["best_mean_fitness"]
+        run.history = state["history"]
         return run
 
 
@@ -255,6 +270,27 @@ def _evaluate_task(task, checkpoint, policy_name, n_up, stats, member_params, ep
                          policy, episodes=members * episodes, seeds=seeds)
     scores = np.array([r.score for r in results]).reshape(members, episodes)
     return scores, results, policy.stats
+
+
+def ship(run_dir, name, folder=None):
+    """Ship a finished run as NAMM `name`: best.pt (the declared choice: the best-validated
+    CMA-ES mean of the last stage, as the original code keeps its checkpoint) as
+    <name>.pt, latest.pt (the final mean, the paper's solution) as <name>-final.pt, and
+    log.csv as <name>-log.csv, in data/namm/ (or folder)."""
+    run_dir, folder = Path(run_dir), Path(folder or SHIPPED_DIR)
+    try:
+        state = json.loads((run_dir / "state.json").read_text())
+        total = state["config"]["generations"] * len(state["config"]["stages"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{run_dir} holds no readable evolution run (state.json)") from None
+    if len(state["history"]) < total:
+        raise UserError(f"{run_dir} has run {len(state['history'])} of {total} generations; "
+                        f"finish it with `dtmem evolve --resume {run_dir}` first")
+    for source, target in (("best.pt", f"{name}.pt"), ("latest.pt", f"{name}-final.pt"),
+                           ("log.csv", f"{name}-log.csv")):
+        with atomic_path(folder / target) as tmp:
+            shutil.copyfile(run_dir / source, tmp)
+    return [folder / f"{name}{suffix}" for suffix in (".pt", "-final.pt", "-log.csv")]
 
 
 def sweep_summary(folder):

@@ -9,6 +9,7 @@ import torch
 
 from dtmem import checkpoints, evolve
 from dtmem.cli import main
+from dtmem.errors import UserError
 
 
 @pytest.fixture
@@ -32,6 +33,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(shipped, tmp_path, monkeyp
     monkeypatch.setattr(evolve, "git_commit", lambda: "before")
     first = evolve.Evolution(tiny(), tmp_path / "b")
     first.run(progress=False, stop_after=2)
+    with pytest.raises(UserError, match="has run 2 of 3 generations"):
+        evolve.ship(tmp_path / "b", "x", tmp_path / "namm")
     monkeypatch.setattr(evolve, "git_commit", lambda: "after")  # resumed on newer code
     resumed = evolve.Evolution.resume(tmp_path / "b")
     assert len(resumed.history) == 2
@@ -74,6 +77,13 @@ def test_incremental_stages_and_cli(shipped, tmp_path, capsys):
     assert code == 0
     history = json.loads((out / "state.json").read_text())["history"]
     assert [h["stage"] for h in history] == [0, 1]
+    # Each stage's last generation is validated; the last stage's best is the run's best.
+    assert all(h["mean_eval"] is not None for h in history)
+    assert "stage 1" in torch.load(out / "best.pt", weights_only=True)["meta"]["choice"]
+    shipped_namms = tmp_path / "namm"
+    paths = evolve.ship(out, "default", shipped_namms)
+    assert [p.name for p in paths] == ["default.pt", "default-final.pt", "default-log.csv"]
+    assert (shipped_namms / "default.pt").read_bytes() == (out / "best.pt").read_bytes()
     code = main(["evolve", "--tasks", "hopper-medium", "--out", str(out)])
     assert code == 2 and "already holds a run" in capsys.readouterr().err
 
