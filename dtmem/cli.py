@@ -149,8 +149,10 @@ def make_parser():
 
     rep = commands.add_parser("report", help="the table of return gains from results files")
     rep.add_argument("--results", default="results/cells",
-                     help="folder of rollout results files (one per task and policy)")
-    rep.add_argument("--out", default="results", help="where report.{json,csv,md} go")
+                     help="development block: rollout results files (one per task and policy)")
+    rep.add_argument("--confirm", help="confirmation block: its cells replace the "
+                     "development ones (default: confirm/ beside --results, if present)")
+    rep.add_argument("--out", help="also write report.{json,csv,md} here (default: print only)")
     rep.add_argument("--episodes", type=positive, default=50, help="episodes every cell needs")
     rep.add_argument("--any-checkpoint", action="store_true",
                      help="accept cells from checkpoints other than the shipped ones")
@@ -280,14 +282,15 @@ def cmd_evolve(args):
 
 
 def cmd_report(args):
-    from dtmem.report import markdown, summarise, write_report
-    from dtmem.results import load_cells
+    from dtmem.report import markdown, report, write_report
 
-    cells = load_cells(args.results, args.episodes, require_shipped=not args.any_checkpoint)
-    rows = summarise(cells, args.episodes)
-    write_report(rows, args.out)
-    print(markdown(rows))
-    print(f"wrote {args.out}/report.json, report.csv and report.md")
+    confirm = args.confirm or Path(args.results).parent / "confirm"
+    rows, comparisons = report(args.results, confirm, args.episodes,
+                               require_shipped=not args.any_checkpoint)
+    print(markdown(rows, comparisons))
+    if args.out:
+        write_report(rows, comparisons, args.out)
+        print(f"wrote {args.out}/report.json, report.csv and report.md")
 
 
 def cmd_namm_import(args):

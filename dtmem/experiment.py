@@ -21,8 +21,9 @@ from dtmem.checkpoints import Checkpoint, shipped_path
 from dtmem.errors import UserError
 from dtmem.memory import POLICIES, PolicySpec, ScoredPolicy
 from dtmem.memory.namm.io import SHIPPED_DIR as NAMM_DIR
-from dtmem.report import embed_in_readme, markdown, summarise, write_report
-from dtmem.results import BLOCKS, ensure_cell, load_cells, read_cell
+from dtmem.report import embed_in_readme, markdown, write_report
+from dtmem.report import report as report_rows
+from dtmem.results import BLOCKS, ensure_cell, matched_budget, read_cell
 from dtmem.runtime import progress_bar
 from dtmem.tasks import all_tasks, resolve_task
 
@@ -108,7 +109,7 @@ def matched_budgets(task, cfg: ExperimentConfig):
     budgets = {}
     for label in NAMM_CELLS:
         cell = read_cell(block_folder(cfg, "development") / task.name / f"{label}.json")
-        budgets[label] = cell and max(3, round(cell["summary"]["mean_tokens"]))
+        budgets[label] = cell and matched_budget(cell)
     return budgets
 
 
@@ -155,9 +156,10 @@ def report(cfg: ExperimentConfig, readme=None, plots=True):
     """report.{json,csv,md} over every cell in <out>/cells, the plots, and the README's
     table (between its gains-table markers) when readme is given."""
     out = Path(cfg.out)
-    rows = summarise(load_cells(out / "cells", cfg.episodes), cfg.episodes)
-    write_report(rows, out)
-    table = markdown(rows)
+    rows, comparisons = report_rows(block_folder(cfg, "development"),
+                                    block_folder(cfg, "confirmation"), cfg.episodes)
+    write_report(rows, comparisons, out)
+    table = markdown(rows, comparisons)
     print(table)
     if readme is not None:
         embed_in_readme(readme, "gains-table", table,

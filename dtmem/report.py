@@ -13,7 +13,9 @@ import numpy as np
 
 from dtmem.errors import UserError
 from dtmem.files import atomic_path, provenance, write_json
-from dtmem.stats import bootstrap_ci
+from dtmem.results import BLOCKS, load_cells, matched_budget
+from dtmem.stats import bootstrap_ci, bootstrap_p, holm
+from dtmem.tasks import all_tasks
 
 BASE = "recompute"  # the field's standard evaluation: gains are measured against it
 
@@ -29,26 +31,33 @@ def cell_order(name):
     return (len(FIRST_CELLS), policy, float(budget or 0))
 
 
-def summarise(cells, episodes):
-    """Rows: task, cell, score mean and CI, gain over the base with its paired CI, tokens."""
+def summarise(cells, episodes, block="development"):
+    """Rows: task, cell, score mean and CI (and on D4RL's scale), gain over the base with
+    its paired CI and p-value, tokens; from the cells of one env seed block."""
     rows = []
     for task, by_name in sorted(cells.items()):
         if BASE not in by_name:
             raise UserError(f"{task} has no {BASE} cell, the base of every gain; run it")
-        base = np.array([e["score"] for e in by_name[BASE]["episodes"][:episodes]])
+        base = scores_of(by_name[BASE], episodes)
         full = by_name.get("full")
         full_tokens = full["summary"]["mean_tokens"] if full else None
         for name, cell in sorted(by_name.items(), key=lambda item: cell_order(item[0])):
-            scores = np.array([e["score"] for e in cell["episodes"][:episodes]])
+            scores = scores_of(cell, episodes)
             if cell["seed"] != by_name[BASE]["seed"]:
                 raise UserError(f"{task} {name} used other env seeds than {BASE}; pairing "
                                 "needs the same seeds")
             tokens = np.mean([e["mean_tokens"] for e in cell["episodes"][:episodes]])
+            mean_return = np.mean([e["ret"] for e in cell["episodes"][:episodes]])
+            d4rl = all_tasks()[task].d4rl_score(mean_return) if task in all_tasks() else None
             rows.append({
-                "task": task, "cell": name, "episodes": episodes,
-                "score": float(scores.mean()), "score_ci95": list(bootstrap_ci(scores)),
+                "task": task, "cell": name, "block": block, "seed": cell["seed"],
+                "episodes": episodes, "score": float(scores.mean()),
+                "score_ci95": list(bootstrap_ci(scores)),
+                "d4rl_score": None if d4rl is None else float(d4rl),
                 "gain": float((scores - base).mean()),
                 "gain_ci95": list(bootstrap_ci(scores - base)),
+                "gain_p": None if name == BASE else bootstrap_p(scores - base),
+                "clear": False,
                 "mean_tokens": float(tokens),
                 "max_tokens": max(e["max_tokens"] for e in cell["episodes"][:episodes]),
                 "tokens_vs_full": None if not full_tokens else float(tokens / full_tokens),
@@ -61,21 +70,70 @@ def summarise(cells, episodes):
     return rows
 
 
+def scores_of(cell, episodes):
+    return np.array([e["score"] for e in cell["episodes"][:episodes]])
+
+
+def headline(development, confirmation, episodes, alpha=0.05):
+    """The table: each cell from its confirmation block where it has one, else from its
+    development block (marked so, and never called clear). A gain is clear when Holm-
+    Bonferroni over every non-base confirmation cell of the table rejects "no gain" at
+    family-wise error rate alpha, by the paired bootstrap p-value behind its CI."""
+    confirmed = {(r["task"], r["cell"]): r
+                 for r in summarise(confirmation, episodes, "confirmation")}
+    rows = [confirmed.pop((r["task"], r["cell"]), r)
+            for r in summarise(development, episodes, "development")]
+    rows += list(confirmed.values())  # confirmed cells with no development counterpart
+    family = [r for r in rows if r["block"] == "confirmation" and r["cell"] != BASE]
+    for row, clear in zip(family, holm([r["gain_p"] for r in family], alpha)):
+        row["clear"] = clear
+    return rows
+
+
+def namm_vs_heuristics(development, confirmation, episodes, alpha=0.05):
+    """Is it the policy, or just a larger cache? For each NAMM cell of the confirmation
+    block, its paired difference to every heuristic at the NAMM's own budget (its
+    development-block cache size, fixed before the confirmation block ran), Holm-corrected
+    over all these comparisons."""
+    rows = []
+    for task, by_name in sorted(confirmation.items()):
+        for namm in ("namm", "namm-local"):
+            if namm not in by_name or namm not in development.get(task, {}):
+                continue
+            budget = matched_budget(development[task][namm])
+            own = scores_of(by_name[namm], episodes)
+            for name, cell in sorted(by_name.items()):
+                if name.endswith(f"@{budget}"):
+                    difference = own - scores_of(cell, episodes)
+                    rows.append({"task": task, "namm": namm, "heuristic": name,
+                                 "difference": float(difference.mean()),
+                                 "difference_ci95": list(bootstrap_ci(difference)),
+                                 "p": bootstrap_p(difference)})
+    for row, clear in zip(rows, holm([r["p"] for r in rows], alpha)):
+        row["clear"] = clear
+    return rows
+
+
 def transfer(task, sources):
     """How a NAMM relates to the task it runs on: zero-shot unless evolved on it."""
     where = "evolved on " + ", ".join(sources)
     return where if task in sources else f"zero-shot ({where})"
 
 
-def markdown(rows):
-    lines = ["| task | policy | score [95% CI] | gain vs recompute [95% CI] | mean tokens "
-             "(x full) | max tokens |", "|---|---|---|---|---|---|"]
+def markdown(rows, comparisons=()):
+    lines = ["| task | policy | block | score [95% CI] | D4RL scale | gain vs recompute "
+             "[95% CI] | clear (Holm) | mean tokens (x full) | max tokens |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "" if r["tokens_vs_full"] is None else f" ({r['tokens_vs_full']:.2f})"
+        d4rl = "" if r["d4rl_score"] is None else f"{r['d4rl_score']:.1f}"
+        clear = ("" if r["cell"] == BASE else "yes" if r["clear"]
+                 else "no" if r["block"] == "confirmation" else "development only")
         lines.append(
-            f"| {r['task']} | {r['cell']} | {r['score']:.1f} [{r['score_ci95'][0]:.1f}, "
-            f"{r['score_ci95'][1]:.1f}] | {r['gain']:+.1f} [{r['gain_ci95'][0]:+.1f}, "
-            f"{r['gain_ci95'][1]:+.1f}] | {r['mean_tokens']:.0f}{ratio} | {r['max_tokens']} |")
+            f"| {r['task']} | {r['cell']} | {r['block']} | {r['score']:.1f} "
+            f"[{r['score_ci95'][0]:.1f}, {r['score_ci95'][1]:.1f}] | {d4rl} | "
+            f"{r['gain']:+.1f} [{r['gain_ci95'][0]:+.1f}, {r['gain_ci95'][1]:+.1f}] | "
+            f"{clear} | {r['mean_tokens']:.0f}{ratio} | {r['max_tokens']} |")
     lines.append("")
     # What every task's numbers rest on: the DT's budget, its data, the references.
     for task in sorted({r["task"] for r in rows}):
@@ -89,21 +147,50 @@ def markdown(rows):
                      f"{r['episodes']} episodes per cell, env seeds paired across cells."
                      + "".join(f" {n['cell']}: {transfer(task, n['namm_sources'])}."
                                for n in rows if n["task"] == task and n["namm_sources"]))
+    family = sum(r["block"] == "confirmation" and r["cell"] != BASE for r in rows)
+    lines += ["", f"Blocks: development = env seeds from {BLOCKS['development']} (every choice "
+              f"looked at these); confirmation = env seeds from {BLOCKS['confirmation']}, "
+              "run once every choice was fixed. Clear (Holm): Holm-Bonferroni at family-wise "
+              f"5% over the {family} non-base confirmation cells of this table, on the paired "
+              "bootstrap p-values of their gains; the CIs shown are uncorrected 95% "
+              "intervals. A development-only cell is never called clear. D4RL scale: the "
+              "same mean return against D4RL's reference returns (older env versions, so "
+              "indicative only)."]
+    if comparisons:
+        lines += ["", "Is it the policy or the cache? Each NAMM against every heuristic at "
+                  "the NAMM's own budget (its development-block mean cache size), paired by "
+                  f"seed on the confirmation block; Holm over these {len(comparisons)} "
+                  "comparisons.", "",
+                  "| task | NAMM | heuristic | NAMM minus heuristic [95% CI] | clear (Holm) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c['task']} | {c['namm']} | {c['heuristic']} | {c['difference']:+.1f} "
+                  f"[{c['difference_ci95'][0]:+.1f}, {c['difference_ci95'][1]:+.1f}] | "
+                  f"{'yes' if c['clear'] else 'no'} |" for c in comparisons]
     return "\n".join(lines) + "\n"
 
 
-def write_report(rows, out):
+def write_report(rows, comparisons, out):
     out = Path(out)
-    write_json(out / "report.json", {"provenance": provenance(), "rows": rows})
+    write_json(out / "report.json", {"provenance": provenance(), "rows": rows,
+                                     "namm_vs_heuristics": comparisons})
     with atomic_path(out / "report.csv") as tmp:
         with open(tmp, "w", newline="") as f:
-            fields = ["task", "cell", "episodes", "score", "gain", "mean_tokens", "max_tokens",
-                      "tokens_vs_full"]
+            fields = ["task", "cell", "block", "episodes", "score", "d4rl_score", "gain",
+                      "gain_p", "clear", "mean_tokens", "max_tokens", "tokens_vs_full"]
             writer = csv.DictWriter(f, fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
     with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(markdown(rows))
+        tmp.write_text(markdown(rows, comparisons))
+
+
+def report(development, confirmation, episodes, require_shipped=True):
+    """(rows, comparisons) from the folders of the development and confirmation blocks
+    (the latter may be absent or empty: then every cell is development only)."""
+    dev = load_cells(development, episodes, require_shipped)
+    conf = (load_cells(confirmation, episodes, require_shipped)
+            if confirmation and any(Path(confirmation).rglob("*.json")) else {})
+    return headline(dev, conf, episodes), namm_vs_heuristics(dev, conf, episodes)
 
 
 def embed_in_readme(readme, marker, table, command, source):

@@ -110,6 +110,11 @@ def reproduce(cell, progress=False):
                     target_return=cell["target_return"], progress=progress)
 
 
+def matched_budget(cell):
+    """The budget heuristics are matched to: a NAMM cell's mean cache size, in tokens."""
+    return max(3, round(cell["summary"]["mean_tokens"]))
+
+
 def cell_name(cell):
     if cell.get("label"):
         return cell["label"]

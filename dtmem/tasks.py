@@ -33,6 +33,7 @@ class Task:
     ref_min: float  # return that normalises to 0
     ref_max: float  # return that normalises to 100
     ref_source: str  # where ref_min/ref_max come from: "dtmem", "d4rl" or "none"
+    d4rl_refs: tuple | None = None  # D4RL's (random, expert) returns, for the second scale
 
     def normalise(self, returns):
         """Normalised score, 100 * (R - ref_min) / (ref_max - ref_min), as the field reports it."""
@@ -40,6 +41,13 @@ class Task:
             raise UserError(f"{self.env} has no reference returns yet; measure them with "
                             f"scripts/build_suite.py --envs {self.env} --stages references")
         return 100.0 * (returns - self.ref_min) / (self.ref_max - self.ref_min)
+
+    def d4rl_score(self, returns):
+        """The same returns on D4RL's scale (older env versions, so indicative only)."""
+        if self.d4rl_refs is None:
+            return None
+        low, high = self.d4rl_refs
+        return 100.0 * (returns - low) / (high - low)
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ def _references(spec):
 def _read_env(path: Path) -> EnvSpec:
     spec = tomllib.loads(path.read_text())
     ref_min, ref_max, source = _references(spec)
+    d4rl = spec.get("reference", {}).get("d4rl")
     tasks = {}
     for quality, t in spec["tasks"].items():
         # The DT paper evaluated medium and expert data at one expert-level target per
@@ -82,6 +91,7 @@ def _read_env(path: Path) -> EnvSpec:
             target_return=float(target), return_scale=float(spec["return_scale"]),
             max_episode_steps=int(spec["max_episode_steps"]),
             ref_min=ref_min, ref_max=ref_max, ref_source=source,
+            d4rl_refs=d4rl and (float(d4rl["random"]), float(d4rl["expert"])),
         )
     return EnvSpec(path.stem, spec["env_id"], path, tasks, spec["default_quality"],
                    spec.get("behavior", {}))

@@ -61,7 +61,8 @@ def test_experiment_runs_every_cell_resumes_and_reports(setup, tmp_path, capsys)
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert {r["cell"] for r in rows} == set(cells)
     text = readme.read_text()
-    assert "| hopper-medium | namm-mlp |" in text and "old" not in text and text.endswith("end\n")
+    assert "| hopper-medium | namm-mlp |" in text and "\nold\n" not in text
+    assert text.endswith("end\n")
     assert "DT of" in text and "references" in text
     assert "namm: evolved on hopper-medium." in text
     assert "namm-mlp: zero-shot (evolved on walker2d-medium)." in text

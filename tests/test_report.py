@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 
 from dtmem import checkpoints
@@ -33,7 +35,10 @@ def test_report_tables_gains_with_paired_cis(cells, tmp_path, capsys):
     assert rows["full"]["tokens_vs_full"] == 1.0
     assert rows["streaming@12"]["max_tokens"] <= 15
     assert "| hopper-medium | streaming@12 |" in (out / "report.md").read_text()
-    assert (out / "report.csv").read_text().startswith("task,cell,episodes")
+    assert (out / "report.csv").read_text().startswith("task,cell,block,episodes")
+    # With no confirmation block every cell is development only, and none is clear.
+    assert all(r["block"] == "development" and not r["clear"] for r in rows.values())
+    assert "| streaming@12 | development |" in (out / "report.md").read_text()
 
 
 def test_report_refuses_short_or_foreign_cells(cells, tmp_path, capsys):
@@ -53,3 +58,46 @@ def test_report_refuses_short_or_foreign_cells(cells, tmp_path, capsys):
                  "--episodes", "4", "--any-checkpoint"])
     assert code == 2 and "seeds" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_holm_steps_down_and_bootstrap_p_matches_the_interval():
+    from dtmem.stats import bootstrap_ci, bootstrap_p, holm
+
+    assert holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]
+    assert holm([0.04, 0.2]) == [False, False]  # 0.04 > 0.05 / 2
+    rng = np.random.default_rng(0)
+    for shift in (0.0, 0.3, 1.0):
+        values = rng.normal(shift, 1.0, 50)
+        lo, hi = bootstrap_ci(values)
+        assert (bootstrap_p(values) < 0.05) == (lo > 0 or hi < 0)
+
+
+def test_confirmation_cells_replace_development_ones_and_namms_meet_matched_heuristics(
+        cells, tmp_path, capsys, checkpoint):
+    import torch
+
+    from dtmem.memory.namm.io import save_namm
+
+    namm = tmp_path / "namm.pt"
+    params = 0.1 * torch.randn(4172, generator=torch.Generator().manual_seed(0))
+    save_namm(namm, "bam", params, (torch.zeros(17), torch.ones(17), 1), 48, {})
+    assert main(["rollout", "--task", "hopper-medium", "--policy", "namm", "--namm", str(namm),
+                 "--episodes", "4", "--json", str(cells / "namm.json")]) == 0
+    budget = max(3, round(json.loads((cells / "namm.json").read_text())["summary"]["mean_tokens"]))
+    confirm = tmp_path / "confirm"
+    for policy, extra in (("recompute", []), ("full", []), ("namm", ["--namm", str(namm)]),
+                          ("streaming", ["--budget", str(budget)])):
+        name = policy if policy != "streaming" else f"streaming@{budget}"
+        assert main(["rollout", "--task", "hopper-medium", "--policy", policy, "--episodes", "4",
+                     "--seed", "100000", "--json", str(confirm / f"{name}.json"), *extra]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["report", "--results", str(cells), "--out", str(out), "--episodes", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["cell"]: r for r in report["rows"]}
+    assert rows["recompute"]["block"] == rows["namm"]["block"] == "confirmation"
+    assert rows["recompute"]["seed"] == 100000
+    assert rows["streaming@12"]["block"] == "development" and not rows["streaming@12"]["clear"]
+    assert [(c["namm"], c["heuristic"]) for c in report["namm_vs_heuristics"]] == [
+        ("namm", f"streaming@{budget}")]
+    assert "Is it the policy or the cache?" in (out / "report.md").read_text()
