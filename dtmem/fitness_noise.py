@@ -56,7 +56,8 @@ def spearman(a, b):
 
 
 def study(cfg: NoiseConfig, device="cpu"):
-    """Per-episode scores [2 draws, members, episodes] and the summary per episode count."""
+    """Per-episode scores [2 draws, members, episodes], the summary per episode count, and
+    the first env seed of each draw."""
     run = Evolution(EvolveConfig(stages=[[cfg.task]], population=cfg.members,
                                  sigma=cfg.sigma, n_up=cfg.n_up, seed=cfg.seed,
                                  episodes=cfg.episodes), out=None, device=device)
@@ -65,10 +66,10 @@ def study(cfg: NoiseConfig, device="cpu"):
         params, _, _, _ = load_namm(cfg.around, "bam")
         run.es.mean[:] = params.double().numpy()  # the draw's centre; nothing is told
     candidates = np.array(run.es.ask())
-    scores = np.stack([
-        run.episode_scores(candidates, cfg.task, cfg.episodes, run.generation_seed(g))
-        for g in (0, 1)])  # [2, members, episodes]
-    return scores, summarise(scores)
+    first_seeds = [run.generation_seed(g) for g in (0, 1)]
+    scores = np.stack([run.episode_scores(candidates, cfg.task, cfg.episodes, seed)
+                       for seed in first_seeds])  # [2, members, episodes]
+    return scores, summarise(scores), first_seeds
 
 
 def summarise(scores):
@@ -104,14 +105,15 @@ def run(cfg: NoiseConfig, out, device="cpu"):
     path = Path(out) / f"{population_name(cfg)}.json"
     ensure_writable(path)
     begin = time.perf_counter()
-    scores, rows = study(cfg, device)
+    scores, rows, first_seeds = study(cfg, device)
     around = cfg.around and relative_to_root(cfg.around)
     write_json(path, {"config": {**asdict(cfg), "around": around},
                       "around_sha256": cfg.around and sha256(cfg.around),
                       "summary": rows, "scores": scores.round(4).tolist(),
                       "provenance": provenance(
                           wall_seconds=round(time.perf_counter() - begin, 1),
-                          seeds="draw d of member m: env seeds generation_seed(d) + 0..episodes-1")})
+                          seeds=f"draw d, every member: env seeds first_seeds[d] + "
+                                f"0..{cfg.episodes - 1}", first_seeds=first_seeds)})
     return path, rows
 
 

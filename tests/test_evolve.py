@@ -118,3 +118,17 @@ def test_step_size_is_adapted_by_csa_as_published(shipped, tmp_path):
         expected = sigma * np.exp(run.recipe["cs"] / run.recipe["damps"]
                                   * (path / run.es.const.chiN - 1))
         assert run.es.sigma == pytest.approx(expected, rel=1e-9)
+
+
+def test_fitness_noise_study_draws_one_generation_on_two_seed_draws(shipped, tmp_path):
+    from dtmem import fitness_noise
+
+    cfg = fitness_noise.NoiseConfig(task="hopper-medium", members=4, episodes=2, n_up=16)
+    path, rows = fitness_noise.run(cfg, tmp_path)
+    result = json.loads(path.read_text())
+    assert np.array(result["scores"]).shape == (2, 4, 2)
+    first = result["provenance"]["first_seeds"]
+    assert first[0] != first[1] and all(s >= evolve.TRAINING_SEED for s in first)
+    assert [r["episodes"] for r in rows] == [1, 2]
+    assert all(0 <= r["elite_overlap"] <= 1 and -1 <= r["rank_agreement"] <= 1 for r in rows)
+    assert "| hopper-medium-start | 2 |" in fitness_noise.markdown(tmp_path)
