@@ -9,6 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from dtmem.errors import UserError
+from dtmem.limits import LIMITS, flag_type
 from dtmem.tasks import all_tasks, resolve_task
 
 
@@ -39,7 +40,8 @@ def add_dataclass_flags(parser, cls, skip=()):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=docs.get(f.name))
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default,
+            kind = flag_type(f.name) if f.name in LIMITS else type(f.default)
+            parser.add_argument(flag, type=kind, default=f.default,
                                 help=f"{docs.get(f.name, '')} (default {f.default})")
 
 
@@ -51,7 +53,7 @@ def add_task_flags(parser):
 
 def add_threads_flag(parser):
     # A rollout step is many tiny tensor ops: extra CPU threads only add synchronisation.
-    parser.add_argument("--threads", type=positive, default=1,
+    parser.add_argument("--threads", type=flag_type("threads"), default=1,
                         help="CPU threads for torch (default 1, fastest for rollouts)")
 
 
@@ -77,13 +79,6 @@ def parse_with_preset(parser, argv, preset_parsers):
     return args
 
 
-def positive(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def make_parser():
     from dtmem.train import TrainConfig
 
@@ -98,9 +93,9 @@ def make_parser():
     add_task_flags(build)
     build.add_argument("--behavior", default="random",
                        help="behaviour policy: random, medium, expert, or a policy .npz")
-    build.add_argument("--steps", type=positive, default=1_000_000, help="env steps to collect")
-    build.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i")
-    build.add_argument("--envs", type=positive, default=16, help="envs stepped in lockstep")
+    build.add_argument("--steps", type=flag_type("steps"), default=1_000_000, help="env steps to collect")
+    build.add_argument("--seed", type=flag_type("seed"), default=0, help="episode i is reset with seed + i")
+    build.add_argument("--envs", type=flag_type("envs"), default=16, help="envs stepped in lockstep")
     build.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     add_preset_flag(build, "data build", parser.preset_parsers)
 
@@ -118,15 +113,16 @@ def make_parser():
     roll.add_argument("--policy", default="recompute", help="memory policy (default recompute)")
     roll.add_argument("--policy-file", help="a Python file that registers more policies "
                       "(see docs/lab/recent_states.py)")
-    roll.add_argument("--budget", type=int, help="tokens kept per layer (policies with a budget; "
+    roll.add_argument("--budget", type=flag_type("budget"), help="tokens kept per layer (policies with a budget; "
                       "default 3K = 60)")
-    roll.add_argument("--ratio", type=float, help="or: fraction of the episode's tokens kept")
+    roll.add_argument("--ratio", type=flag_type("ratio"), help="or: fraction of the episode's tokens kept")
     roll.add_argument("--namm", help="NAMM file for --policy namm/namm-mlp (default: the "
                       "shipped data/namm/default.pt)")
-    roll.add_argument("--episodes", type=positive, default=20)
-    roll.add_argument("--slots", type=positive, help="episodes run in lockstep (default all)")
-    roll.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i")
-    roll.add_argument("--target-return", type=float, help="default: the task's target")
+    roll.add_argument("--episodes", type=flag_type("episodes"), default=20,
+                      help="episodes to run (default 20)")
+    roll.add_argument("--slots", type=flag_type("slots"), help="episodes run in lockstep (default all)")
+    roll.add_argument("--seed", type=flag_type("seed"), default=0, help="episode i is reset with seed + i")
+    roll.add_argument("--target-return", type=flag_type("target_return"), help="default: the task's target")
     roll.add_argument("--checkpoint", help="default: the shipped data/checkpoints/<task>.pt")
     roll.add_argument("--json", help="write a results file with provenance here")
     roll.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -140,7 +136,7 @@ def make_parser():
     evo.add_argument("--out", help="run directory (state.json, log.csv, latest.pt, best.pt)")
     evo.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
     evo.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    evo.add_argument("--workers", type=positive, default=1,
+    evo.add_argument("--workers", type=flag_type("workers"), default=1,
                      help="evaluate tasks in this many parallel processes")
     add_threads_flag(evo)
     from dtmem.evolve import EvolveConfig
@@ -153,7 +149,7 @@ def make_parser():
     rep.add_argument("--confirm", help="confirmation block: its cells replace the "
                      "development ones (default: confirm/ beside --results, if present)")
     rep.add_argument("--out", help="also write report.{json,csv,md} here (default: print only)")
-    rep.add_argument("--episodes", type=positive, default=50, help="episodes every cell needs")
+    rep.add_argument("--episodes", type=flag_type("episodes"), default=50, help="episodes every cell needs")
     rep.add_argument("--any-checkpoint", action="store_true",
                      help="accept cells from checkpoints other than the shipped ones")
     add_preset_flag(rep, "report", parser.preset_parsers)
@@ -164,7 +160,7 @@ def make_parser():
     imp = namm_commands.add_parser("import", help="import a checkpoint of the original NAMM code")
     imp.add_argument("checkpoint", help="its torch file (CMA-ES state and normaliser buffers)")
     imp.add_argument("--out", required=True, help="the dtmem NAMM file to write")
-    imp.add_argument("--n-up", type=positive, default=512,
+    imp.add_argument("--n-up", type=flag_type("n_up"), default=512,
                      help="tokens between updates (the LLM run used 512)")
     ship = namm_commands.add_parser("ship", help="ship a finished evolution run in data/namm/")
     ship.add_argument("run", help="the run directory of `dtmem evolve --out`")
@@ -174,7 +170,7 @@ def make_parser():
     ins.add_argument("namm", nargs="?", help="NAMM file (default: the shipped one)")
     add_task_flags(ins)
     ins.add_argument("--checkpoint", help="default: the shipped data/checkpoints/<task>.pt")
-    ins.add_argument("--seed", type=int, default=0, help="env seed of the episode")
+    ins.add_argument("--seed", type=flag_type("seed"), default=0, help="env seed of the episode")
     ins.add_argument("--out", help="also draw namm-kept-<task>.png here (needs matplotlib)")
 
     bench = commands.add_parser("bench", help="throughput benchmarks")

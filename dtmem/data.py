@@ -9,6 +9,7 @@ import torch
 
 from dtmem.errors import UserError
 from dtmem.files import git_commit
+from dtmem.limits import check_seeds, check_value
 from dtmem.runtime import progress_bar
 from dtmem.tasks import ROOT, Task, make_env
 
@@ -210,8 +211,9 @@ def build_dataset(task: Task, behavior_name, steps, seed=0, n_envs=16, overwrite
     """Collect episodes with a behaviour policy and write them as the Minari dataset
     task.local_id. Returns the dataset."""
     minari = _minari()
-    if steps <= 0:
-        raise UserError(f"--steps must be positive, got {steps}")
+    for name, value in (("steps", steps), ("envs", n_envs)):
+        check_value(name, value)
+    check_seeds(seed, steps)  # at most one episode per step
     if is_local(task.local_id) and not overwrite:
         raise UserError(f"dataset {task.local_id} already exists; pass --overwrite to rebuild it")
     env = make_env(task)

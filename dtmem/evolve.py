@@ -28,6 +28,7 @@ import torch
 from dtmem.checkpoints import Checkpoint
 from dtmem.errors import UserError
 from dtmem.files import atomic_path, git_commit, provenance, write_json
+from dtmem.limits import check
 from dtmem.memory import PolicySpec
 from dtmem.memory.namm import DEFAULT_N_UP, policy_for_scorer
 from dtmem.memory.namm.features import merge_stats
@@ -101,10 +102,9 @@ def es_recipe(es):
 
 class Evolution:
     def __init__(self, cfg: EvolveConfig, out, device="cpu", workers=1):
-        for name in ("generations", "population", "episodes", "eval_mean_every",
-                     "mean_episodes"):
-            if getattr(cfg, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive")
+        check(cfg)
+        if cfg.n_up % 16:
+            raise UserError(f"--n-up must be a multiple of 16, got {cfg.n_up}")
         if cfg.scorer not in SCORERS:
             raise UserError(f"unknown scorer {cfg.scorer!r}; use bam or mlp")
         self.cfg, self.out, self.device, self.workers = cfg, out and Path(out), device, workers

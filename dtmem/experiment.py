@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dtmem.checkpoints import Checkpoint, shipped_path
 from dtmem.errors import UserError
+from dtmem.limits import check
 from dtmem.memory import POLICIES, PolicySpec, ScoredPolicy
 from dtmem.memory.namm.io import SHIPPED_DIR as NAMM_DIR
 from dtmem.report import embed_in_readme, markdown, write_report
@@ -63,6 +64,7 @@ def block_folder(cfg: ExperimentConfig, block=None):
 
 
 def experiment_tasks(cfg: ExperimentConfig):
+    check(cfg)
     if cfg.block not in BLOCKS:
         raise UserError(f"--block must be one of {', '.join(BLOCKS)}, got {cfg.block!r}")
     if cfg.tasks:

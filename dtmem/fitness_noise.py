@@ -19,8 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dtmem.evolve import EvolveConfig, Evolution
-from dtmem.files import ensure_writable, provenance, relative_to_root, sha256, write_json
+from dtmem.evolve import Evolution, EvolveConfig
+from dtmem.files import (
+    ensure_writable,
+    provenance,
+    relative_to_root,
+    sha256,
+    write_json,
+)
+from dtmem.limits import check
 from dtmem.memory.namm import DEFAULT_N_UP
 from dtmem.memory.namm.io import load_namm
 
@@ -102,6 +109,7 @@ def population_name(cfg: NoiseConfig):
 
 def run(cfg: NoiseConfig, out, device="cpu"):
     """Run one population and write <out>/<task>-<start|around-NAMM>.json."""
+    check(cfg)
     path = Path(out) / f"{population_name(cfg)}.json"
     ensure_writable(path)
     begin = time.perf_counter()

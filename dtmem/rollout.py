@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dtmem.limits import check_memory, check_seeds, check_value
 from dtmem.memory import MemoryPolicy
 from dtmem.model import DecisionTransformer
 from dtmem.runtime import progress_bar
@@ -102,7 +103,18 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task,
     Returns (list of EpisodeResult in episode order, number of env steps taken)."""
     device = next(model.parameters()).device
     cfg = model.cfg
+    check_value("episodes", episodes)
+    if slots is not None:
+        check_value("slots", slots)
+    if seeds is None:
+        check_seeds(seed, episodes)
+    if target_return is not None:
+        check_value("target_return", target_return)
     E = min(slots or episodes, episodes)
+    # Keys and values of a whole cache at its largest, doubled for policies' token state.
+    check_memory(2 * E * policy.capacity() * cfg.n_layer * 2 * cfg.n_embd * 4,
+                 f"a KV cache of {E} slots x {policy.capacity()} tokens",
+                 "run fewer episodes at once with --slots")
     T = task.max_episode_steps
     target = task.target_return if target_return is None else target_return
     mean = torch.as_tensor(state_mean, dtype=torch.float32, device=device)

@@ -10,6 +10,7 @@ from dtmem.checkpoints import read_checkpoint, save_checkpoint
 from dtmem.data import Episodes, WindowSampler, find_dataset
 from dtmem.errors import UserError
 from dtmem.files import provenance
+from dtmem.limits import check, check_memory
 from dtmem.memory import PolicySpec
 from dtmem.model import DecisionTransformer, DTConfig
 from dtmem.results import summarize
@@ -62,9 +63,15 @@ class TrainConfig:
 
 def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, progress=True):
     """Train (or resume) and save the checkpoint at `out`. Returns the metrics history."""
-    for name in ("steps", "batch_size", "eval_episodes", "checkpoint_every"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    check(cfg)
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n-embd {cfg.n_embd} must be a multiple of --n-head {cfg.n_head}")
+    # Weights, gradients and AdamW's two moments: 4 copies of 12 L d^2 floats, plus
+    # activations of a batch (about 20 floats per token, width and layer).
+    check_memory(4 * 4 * 12 * cfg.n_layer * cfg.n_embd**2
+                 + 4 * 20 * cfg.batch_size * 3 * cfg.context_steps * cfg.n_embd * cfg.n_layer,
+                 f"a {cfg.n_layer}-layer, {cfg.n_embd}-wide DT at batch {cfg.batch_size}",
+                 "choose a smaller --n-embd, --n-layer or --batch-size")
     device = pick_device(device)
     task = resolve_task(task=cfg.task)
     eval_spec = PolicySpec(cfg.eval_policy)

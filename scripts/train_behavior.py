@@ -13,6 +13,7 @@ import sys
 from dataclasses import fields
 
 from dtmem.cli import add_dataclass_flags, run_reporting_errors
+from dtmem.limits import flag_type
 from dtmem.ppo import PPORun, train
 
 
@@ -20,7 +21,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_flags(parser, PPORun, skip=("steps",))
-    parser.add_argument("--steps", type=int, help="total env steps, counting those before a "
+    parser.add_argument("--steps", type=flag_type("steps"), help="total env steps, counting those before a "
                         "resume (default: the env's [behavior] steps)")
     args = parser.parse_args(argv)
     return run_reporting_errors(
