@@ -12,6 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 
+from dtmem.backend import LocalBackend
 from dtmem.checkpoints import Checkpoint, shipped_path
 from dtmem.errors import UserError
 from dtmem.memory import POLICIES, PolicySpec
@@ -133,17 +134,24 @@ def cache_bytes(model, slots, tokens):
 
 
 def bench_generation(checkpoint, task: Task, population=32, episodes=2, scorer="bam",
-                     n_up=DEFAULT_N_UP):
-    """Wall time of one evolution generation (every member in one batched rollout, members
-    drawn as CMA-ES draws its first generation) and the env floor of the same episodes."""
-    from dtmem.evolve import _evaluate_task
+                     n_up=DEFAULT_N_UP, workers=1, shards=1):
+    """Wall time of one evolution generation (members drawn as CMA-ES draws its first
+    generation, in `shards` batched rollouts run by `workers` local processes) and the env
+    floor of the same episodes."""
+    from dtmem.evolve import _evaluate_task, shards_of
 
     policy = policy_for_scorer(scorer)
     zero = np.zeros((1, SCORERS[scorer][1]))
-    _, _, stats = _evaluate_task(task, checkpoint, policy, n_up, None, zero, 1, 0)
     members = np.random.default_rng(0).normal(0, 0.065, (population, SCORERS[scorer][1]))
-    begin = time.perf_counter()
-    _, results, _ = _evaluate_task(task, checkpoint, policy, n_up, stats, members,
-                                   episodes, 1000)
-    wall = time.perf_counter() - begin
+    with LocalBackend(workers) as backend:
+        # The statistics' rollout, once per worker: the workers start and import before the
+        # timed generation, as they have in a run after its first generation.
+        stats_job = (task, checkpoint, policy, n_up, None, zero, 1, 0)
+        _, _, stats = backend.map(_evaluate_task, [stats_job] * workers)[0]
+        jobs = [(task, checkpoint, policy, n_up, stats, block, episodes, 1000)
+                for block in shards_of(members, shards)]
+        begin = time.perf_counter()
+        outcomes = backend.map(_evaluate_task, jobs)
+        wall = time.perf_counter() - begin
+    results = [r for _, shard, _ in outcomes for r in shard]
     return wall, env_floor(task, [r.length for r in results], population * episodes), results

@@ -2,7 +2,7 @@
 and `Checkpoint`, the one way a DT travels through dtmem: model, state normaliser, the
 task and dataset it was trained on, and the file's hash."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -10,9 +10,9 @@ import torch
 from dtmem.errors import UserError
 from dtmem.files import atomic_path, relative_to_root, safe_load, sha256
 from dtmem.model import DecisionTransformer, DTConfig
-from dtmem.tasks import ROOT, Task, all_tasks, make_env
+from dtmem.tasks import Task, all_tasks, make_env, shipped
 
-SHIPPED_DIR = ROOT / "data" / "checkpoints"  # data/checkpoints/<task>.pt, used by default
+SHIPPED_DIR = shipped("data") / "checkpoints"  # data/checkpoints/<task>.pt, used by default
 
 
 def save_checkpoint(path, model, *, task, dataset_id, state_mean, state_std, steps,
@@ -36,11 +36,57 @@ def save_checkpoint(path, model, *, task, dataset_id, state_mean, state_std, ste
 
 
 def read_checkpoint(path):
-    """The checkpoint's dict, loaded safely (no code from the file runs)."""
+    """The checkpoint's dict, loaded safely (no code from the file runs) and checked
+    against the schema before anything is built from it."""
     payload = safe_load(path, "checkpoint", "train one with `dtmem train` or restore it")
     if not isinstance(payload, dict) or payload.get("format") != "dtmem-dt-1":
         raise UserError(f"checkpoint {path} is not a dtmem Decision Transformer checkpoint")
+    problem = schema_problem(payload)
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged: {problem}; retrain or restore it")
     return payload
+
+
+KEYS = ("config", "model", "task", "dataset_id", "state_mean", "state_std", "steps")
+CONFIG_LIMITS = {"state_dim": (1, 100_000), "act_dim": (1, 100_000), "context_steps": (1, 1000),
+                 "n_layer": (1, 48), "n_head": (1, 64), "n_embd": (1, 4096),
+                 "max_timestep": (1, 10_000_000)}
+
+
+def schema_problem(payload):
+    """What is wrong with a checkpoint's contents, or None: keys, config sizes, the
+    normaliser's shape and values, non-finite weights."""
+    missing = [k for k in KEYS if k not in payload]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    config = payload["config"]
+    if not isinstance(config, dict) or set(config) != {f.name for f in fields(DTConfig)}:
+        return "its model config is not a DT config"
+    for name, (low, high) in CONFIG_LIMITS.items():
+        value = config[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            return f"config {name} = {value!r} is outside {low}..{high}"
+    dropout = config["dropout"]
+    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
+            and 0 <= dropout < 1):
+        return f"config dropout = {config['dropout']!r} is outside [0, 1)"
+    if config["n_embd"] % config["n_head"]:
+        return "config n_embd is not a multiple of n_head"
+    for name in ("state_mean", "state_std"):
+        value = payload[name]
+        if not isinstance(value, torch.Tensor) or value.shape != (config["state_dim"],):
+            return f"{name} is not a vector of state_dim = {config['state_dim']} values"
+        if not torch.isfinite(value).all():
+            return f"{name} holds non-finite values"
+    if not (payload["state_std"] > 0).all():
+        return "state_std holds values that are not positive"
+    weights = payload["model"]
+    if not isinstance(weights, dict) or not all(isinstance(w, torch.Tensor)
+                                                for w in weights.values()):
+        return "its model weights are not a dict of tensors"
+    bad = next((k for k, w in weights.items() if w.is_floating_point()
+                and not torch.isfinite(w).all()), None)
+    return bad and f"weight {bad} holds non-finite values"
 
 
 def shipped_path(task_name):

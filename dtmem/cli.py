@@ -1,88 +1,29 @@
 """The `dtmem` command. Thin: it parses flags and calls the library."""
 
-import argparse
-import ast
-import inspect
-import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
+from dtmem import __version__
+from dtmem.command import (
+    Parser,
+    add_dataclass_flags,
+    add_preset_flag,
+    add_task_flags,
+    add_threads_flag,
+    parse_with_preset,
+    run_reporting_errors,
+)
 from dtmem.errors import UserError
-from dtmem.limits import LIMITS, flag_type
+from dtmem.limits import flag_type
 from dtmem.tasks import all_tasks, resolve_task
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line, exit code 2, like every other user-facing error.
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def field_docs(cls):
-    """The docstring under each field of a dataclass (CleanRL style), for --help."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
-            docs[node.target.id] = after.value.value
-    return docs
-
-
-def add_dataclass_flags(parser, cls, skip=()):
-    # argparse expands % in help strings; a docstring's "25%" must stay literal.
-    docs = {name: doc.replace("%", "%%") for name, doc in field_docs(cls).items()}
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=docs.get(f.name))
-        else:
-            kind = flag_type(f.name) if f.name in LIMITS else type(f.default)
-            parser.add_argument(flag, type=kind, default=f.default,
-                                help=f"{docs.get(f.name, '')} (default {f.default})")
-
-
-def add_task_flags(parser):
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--env", help="environment; runs its default task (hopper -> hopper-medium)")
-    group.add_argument("--task", help="a task by name, e.g. hopper-expert")
-
-
-def add_threads_flag(parser):
-    # A rollout step is many tiny tensor ops: extra CPU threads only add synchronisation.
-    parser.add_argument("--threads", type=flag_type("threads"), default=1,
-                        help="CPU threads for torch (default 1, fastest for rollouts)")
-
-
-def add_preset_flag(parser, command, preset_parsers):
-    from dtmem.presets import PRESETS
-
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="named defaults, e.g. lab (docs/lab/); explicit flags still win")
-    parser.set_defaults(preset_command=command)
-    preset_parsers[command] = parser
-
-
-def parse_with_preset(parser, argv, preset_parsers):
-    """With --preset, parse twice: the preset's defaults go onto its command's parser
-    first, so that flags given explicitly still win."""
-    from dtmem.presets import preset_defaults
-
-    args = parser.parse_args(argv)
-    if getattr(args, "preset", None):
-        target = preset_parsers[args.preset_command]
-        target.set_defaults(**preset_defaults(args.preset, args.preset_command))
-        args = parser.parse_args(argv)
-    return args
 
 
 def make_parser():
     from dtmem.train import TrainConfig
 
     parser = Parser(prog="dtmem", description="Memory policies for Decision Transformers.")
+    parser.add_argument("--version", action="version", version=f"dtmem {__version__}")
     parser.preset_parsers = {}
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -104,6 +45,7 @@ def make_parser():
     add_dataclass_flags(train, TrainConfig, skip=("task",))
     train.add_argument("--out", help="checkpoint path (default runs/dt/<task>.pt)")
     train.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")
+    train.add_argument("--overwrite", action="store_true", help="replace the checkpoint at --out")
     train.add_argument("--download", action="store_true", help="download a missing dataset")
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_preset_flag(train, "train", parser.preset_parsers)
@@ -116,6 +58,9 @@ def make_parser():
     roll.add_argument("--budget", type=flag_type("budget"), help="tokens kept per layer (policies with a budget; "
                       "default 3K = 60)")
     roll.add_argument("--ratio", type=flag_type("ratio"), help="or: fraction of the episode's tokens kept")
+    roll.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                      help="a policy setting, e.g. --set pyramid=0.5 or --set sinks=8 "
+                      "(repeatable; an unknown name lists the policy's settings)")
     roll.add_argument("--namm", help="NAMM file for --policy namm/namm-mlp (default: the "
                       "shipped data/namm/default.pt)")
     roll.add_argument("--episodes", type=flag_type("episodes"), default=20,
@@ -136,8 +81,14 @@ def make_parser():
     evo.add_argument("--out", help="run directory (state.json, log.csv, latest.pt, best.pt)")
     evo.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
     evo.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    evo.add_argument("--workers", type=flag_type("workers"), default=1,
-                     help="evaluate tasks in this many parallel processes")
+    evo.add_argument("--backend", choices=("local", "ray"), default="local",
+                     help="where a generation's jobs (tasks x shards) run: local processes "
+                     '(default) or Ray (pip install "dtmem[ray]")')
+    evo.add_argument("--address", help="with --backend ray: the Ray cluster to join (default: "
+                     "start a local Ray)")
+    evo.add_argument("--workers", type=flag_type("workers"),
+                     help="jobs run at once (default 1; with --backend ray, every CPU); the "
+                     "numbers do not depend on it")
     add_threads_flag(evo)
     from dtmem.evolve import EvolveConfig
     add_dataclass_flags(evo, EvolveConfig, skip=("stages",))
@@ -173,11 +124,32 @@ def make_parser():
     ins.add_argument("--seed", type=flag_type("seed"), default=0, help="env seed of the episode")
     ins.add_argument("--out", help="also draw namm-kept-<task>.png here (needs matplotlib)")
 
+    hf = commands.add_parser("hf", help="Hugging Face transformers Decision Transformers")
+    hf_commands = hf.add_subparsers(dest="hf_command", required=True, parser_class=Parser)
+    hf_in = hf_commands.add_parser("import", help="a DecisionTransformerModel directory -> a "
+                                   "dtmem checkpoint")
+    hf_in.add_argument("directory", help="config.json plus model.safetensors or "
+                       "pytorch_model.bin (nothing from it runs)")
+    hf_in.add_argument("--task", required=True, help="the task it acts in, e.g. hopper-medium")
+    hf_in.add_argument("--out", required=True, help="the dtmem checkpoint to write (must not "
+                       "exist)")
+    hf_in.add_argument("--state-stats", metavar="FILE", help='JSON {"state_mean": [...], '
+                       '"state_std": [...]} (or .npz of those arrays): the state normaliser it '
+                       "was trained with (default: the directory's dtmem.json, else mean 0, "
+                       "std 1, with a warning)")
+    hf_in.add_argument("--context-steps", type=flag_type("context_steps"),
+                       help="K, the window it was trained on (default: the directory's "
+                       "dtmem.json, else 20)")
+    hf_out = hf_commands.add_parser("export", help="a dtmem checkpoint -> a "
+                                    "DecisionTransformerModel directory")
+    hf_out.add_argument("checkpoint", help="the dtmem checkpoint")
+    hf_out.add_argument("--out", required=True, help="the directory to write (must not exist)")
+
     bench = commands.add_parser("bench", help="throughput benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
     for name, help_text in (("rollout", "rollout speed vs recompute and env stepping"),
                             ("memory", "each memory policy's rollout time vs the full cache"),
-                            ("evolve", "one evolution generation vs env stepping")):
+                            ("evolve", "one generation on 1 and 2 workers vs env stepping")):
         bench_one = bench_commands.add_parser(name, help=help_text)
         add_task_flags(bench_one)
         # HalfCheetah never terminates: every episode is 1000 steps, whatever the checkpoint.
@@ -190,13 +162,24 @@ def make_parser():
 
 
 def cmd_data_list(args):
-    from dtmem.data import is_local
+    from dtmem.data import dataset_status
 
-    print(f"{'task':18} {'env':15} {'local dataset':28} {'minari remote id':28}")
+    rows = [("task", "env", "local dataset", "", "minari remote id", "")]
+    damaged = []
     for task in all_tasks().values():
-        local = task.local_id + (" (present)" if is_local(task.local_id) else "")
-        remote = task.remote_id + (" (present)" if is_local(task.remote_id) else "")
-        print(f"{task.name:18} {task.env_id:15} {local:28} {remote:28}")
+        row = [task.name, task.env_id]
+        for dataset_id in (task.local_id, task.remote_id):
+            status, problem = dataset_status(dataset_id)
+            row += [dataset_id, status]
+            if problem:
+                damaged.append(f"{dataset_id}: {problem}; rebuild it with `dtmem data build "
+                               f"--task {task.name} --overwrite`")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for line in damaged:
+        print(f"damaged: {line}")
 
 
 def cmd_data_build(args):
@@ -208,7 +191,7 @@ def cmd_data_build(args):
 
 
 def cmd_train(args):
-    from dtmem.files import ensure_writable
+    from dtmem.files import ensure_writable, lock
     from dtmem.train import TrainConfig, train
 
     task = resolve_task(args.env, args.task)
@@ -216,7 +199,24 @@ def cmd_train(args):
                                          for f in fields(TrainConfig) if f.name != "task"})
     out = args.out or f"runs/dt/{task.name}.pt"
     ensure_writable(out)
-    train(cfg, out, resume=args.resume, device=args.device, download=args.download)
+    if Path(out).exists() and not (args.resume or args.overwrite):
+        raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite "
+                        "to replace it")
+    with lock(out):
+        train(cfg, out, resume=args.resume, device=args.device, download=args.download)
+
+
+def policy_setting(text):
+    """--set NAME=VALUE: the value as a number where it reads as one, else as text."""
+    import json
+
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise UserError(f"--set takes NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
 
 
 def cmd_rollout(args):
@@ -232,8 +232,9 @@ def cmd_rollout(args):
     task = resolve_task(args.env, args.task)
     if args.policy_file:
         load_policy_file(args.policy_file)
+    options = dict(policy_setting(text) for text in args.set)
     spec = PolicySpec(args.policy, args.budget, args.ratio,
-                      {"namm_file": args.namm} if args.namm else {})
+                      options | ({"namm_file": args.namm} if args.namm else {}))
     if args.json:
         ensure_writable(args.json)
     checkpoint = Checkpoint.for_task(task, args.checkpoint, pick_device(args.device))
@@ -254,27 +255,39 @@ def cmd_rollout(args):
 def cmd_evolve(args):
     import torch
 
+    from dtmem.backend import make_backend
     from dtmem.evolve import Evolution, EvolveConfig
+    from dtmem.files import ensure_writable, lock
     from dtmem.runtime import pick_device
 
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    if args.resume:
-        run = Evolution.resume(args.resume, device, args.workers)
-    else:
-        if not args.tasks or not args.out:
-            raise UserError("give --tasks and --out for a new run, or --resume DIR")
-        stages = [args.tasks.split(",")] + [stage.split(",") for stage in args.then]
-        for task in {t for stage in stages for t in stage}:
-            resolve_task(task=task)
-        if (Path(args.out) / "state.json").exists():
-            raise UserError(f"{args.out} already holds a run; --resume it or choose another --out")
-        cfg = EvolveConfig(stages=stages, **{f.name: getattr(args, f.name)
-                                             for f in fields(EvolveConfig) if f.name != "stages"})
-        run = Evolution(cfg, args.out, device, args.workers)
-    run.run()
-    print(f"{len(run.history)} generations in {run.out}; the CMA-ES mean is latest.pt, the best "
-          "evaluated mean best.pt")
+    given = {f.name: getattr(args, f.name) for f in fields(EvolveConfig) if f.name != "stages"}
+    out = args.resume or args.out
+    if not out or (not args.resume and not args.tasks):
+        raise UserError("give --tasks and --out for a new run, or --resume DIR")
+    ensure_writable(Path(out) / "state.json")
+    backend = make_backend(args.backend, args.address, args.workers)
+    with lock(out), backend:
+        if args.resume:
+            if args.tasks or args.then:
+                raise UserError("--resume continues the run's own tasks; drop --tasks/--then")
+            run = Evolution.resume(args.resume, device, backend, asked=given)
+        else:
+            stages = [args.tasks.split(",")] + [stage.split(",") for stage in args.then]
+            for task in {t for stage in stages for t in stage}:
+                resolve_task(task=task)
+            if (Path(args.out) / "state.json").exists():
+                raise UserError(f"{args.out} already holds a run; --resume it or choose "
+                                "another --out")
+            run = Evolution(EvolveConfig(stages=stages, **given), args.out, device, backend)
+        jobs = max(map(len, run.cfg.stages)) * run.cfg.shards
+        if (args.workers or 1) > jobs:
+            print(f"note: {args.workers} workers, but a generation has at most {jobs} jobs "
+                  "(tasks x shards); a new run with more --shards would keep them busy")
+        run.run()
+    print(f"{len(run.history)} generations in {run.out}; best.pt is the best-validated "
+          "CMA-ES mean of the last stage, latest.pt the final mean")
 
 
 def cmd_report(args):
@@ -331,6 +344,26 @@ def cmd_namm_inspect(args):
         print(f"wrote {png}")
 
 
+def cmd_hf_import(args):
+    from dtmem.hf import import_checkpoint
+
+    task = resolve_task(task=args.task)
+    meta = import_checkpoint(args.directory, task, args.out, args.state_stats,
+                             args.context_steps)
+    for warning in meta["warnings"]:
+        print(f"dtmem: warning: {warning}", file=sys.stderr)
+    print(f"wrote {args.out}: {meta['source']} from {meta['hf_weights']} for {task.name}; "
+          f"state statistics {meta['state_stats']}; K = {meta['context_steps']}")
+
+
+def cmd_hf_export(args):
+    from dtmem.hf import export_hf
+
+    directory = export_hf(args.checkpoint, args.out)
+    print(f"wrote {directory}: config.json, model.safetensors (load with transformers' "
+          "DecisionTransformerModel.from_pretrained) and dtmem.json (state statistics)")
+
+
 def cmd_bench(args):
     import torch
 
@@ -350,10 +383,16 @@ def cmd_bench(args):
     elif args.bench_command == "memory":
         bench.print_memory_bench(bench.run_bench(checkpoint, task, bench.memory_configs()))
     else:
-        wall, floor, results = bench.bench_generation(checkpoint, task)
-        steps = sum(r.length for r in results)
-        print(f"one generation: 32 members x 2 episodes, {steps} env steps, {wall:.1f} s; "
-              f"env stepping alone {floor:.1f} s; ratio {wall / floor:.2f}")
+        # The same 2 shards (so the same numbers) on 1 and on 2 worker processes.
+        runs = {workers: bench.bench_generation(checkpoint, task, workers=workers, shards=2)
+                for workers in (1, 2)}
+        (one, floor, results), (two, _, results_two) = runs[1], runs[2]
+        same = [r.score for r in results] == [r.score for r in results_two]
+        print(f"one generation: 32 members x 2 episodes in 2 shards, "
+              f"{sum(r.length for r in results)} env steps; env stepping alone {floor:.1f} s")
+        print(f"1 worker {one:.1f} s ({one / floor:.2f}x env stepping), 2 workers {two:.1f} s: "
+              f"ratio {two / one:.2f} (target at most 0.6); scores identical: "
+              f"{'yes' if same else 'NO'}")
 
 
 COMMANDS = {
@@ -363,25 +402,9 @@ COMMANDS = {
     ("bench", "evolve"): cmd_bench, ("evolve", None): cmd_evolve,
     ("namm", "import"): cmd_namm_import, ("namm", "inspect"): cmd_namm_inspect,
     ("namm", "ship"): cmd_namm_ship,
+    ("hf", "import"): cmd_hf_import, ("hf", "export"): cmd_hf_export,
     ("report", None): cmd_report,
 }
-
-
-def run_reporting_errors(action, prog=None):
-    """Run a command's work: bad input ends in one line on stderr and exit code 2, Ctrl-C
-    in 130, a closed pipe (e.g. `dtmem data list | head`) quietly in 0."""
-    prog = prog or Path(sys.argv[0]).name
-    try:
-        action()
-    except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
 
 
 def main(argv=None):

@@ -1,6 +1,10 @@
 """Minari datasets: finding them, building them locally, and sampling training windows."""
 
+import json
+import os
+import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,12 +12,12 @@ import numpy as np
 import torch
 
 from dtmem.errors import UserError
-from dtmem.files import git_commit
+from dtmem.files import DISK_FULL, TMP_PREFIX, clean_stale_temporaries, git_commit
 from dtmem.limits import check_seeds, check_value
 from dtmem.runtime import progress_bar
-from dtmem.tasks import ROOT, Task, make_env
+from dtmem.tasks import Task, make_env, shipped
 
-POLICIES_DIR = ROOT / "data" / "policies"
+POLICIES_DIR = shipped("data") / "policies"
 
 
 def _minari():
@@ -27,13 +31,52 @@ def is_local(dataset_id):
     return (_minari().storage.get_dataset_path(dataset_id) / "data").exists()
 
 
+def dataset_problem(dataset_id):
+    """Why a local dataset cannot be used (None if it can): missing or unreadable
+    metadata, a truncated or corrupt HDF5 file, no episodes."""
+    import h5py
+
+    folder = _minari().storage.get_dataset_path(dataset_id) / "data"
+    try:
+        metadata = json.loads((folder / "metadata.json").read_text())
+        with h5py.File(folder / "main_data.hdf5", "r") as f:
+            episodes = len(f.keys())
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    if not isinstance(metadata, dict) or not episodes:
+        return "it holds no episodes"
+    if metadata.get("total_episodes") != episodes:
+        return f"its metadata counts {metadata.get('total_episodes')} episodes, its data {episodes}"
+    return None
+
+
+def dataset_status(dataset_id):
+    """("present" | "absent" | "damaged", why it is damaged or None)."""
+    if not is_local(dataset_id):
+        return "absent", None
+    problem = dataset_problem(dataset_id)
+    return ("present", None) if problem is None else ("damaged", problem)
+
+
+def load_local(dataset_id):
+    """A local Minari dataset, checked; a damaged one is reported with its fix."""
+    problem = dataset_problem(dataset_id)
+    if problem is None:
+        try:
+            return _minari().load_dataset(dataset_id)
+        except Exception as e:  # Minari's own checks, whatever they raise
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    raise UserError(f"dataset {dataset_id} is incomplete or corrupt ({problem}); rebuild it "
+                    "with `dtmem data build --overwrite` or delete it with `minari delete`")
+
+
 def find_dataset(task: Task, download=False):
     """The task's dataset: dtmem's local build, else Minari's remote id if present locally,
     else (download=True) a real download from Minari's remote. Returns (dataset, id)."""
     minari = _minari()
     for dataset_id in (task.local_id, task.remote_id):
         if is_local(dataset_id):
-            return minari.load_dataset(dataset_id), dataset_id
+            return load_local(dataset_id), dataset_id
     build = f"dtmem data build --task {task.name}"
     if not download:
         raise UserError(f"no dataset for {task.name} (neither {task.local_id} nor "
@@ -67,6 +110,11 @@ class Episodes:
             rewards.append(ep.rewards)
             lengths.append(n)
         lengths = np.asarray(lengths, dtype=np.int64)
+        for name, values in (("observations", states), ("actions", actions),
+                             ("rewards", rewards)):
+            if not all(np.isfinite(np.asarray(v, dtype=np.float32)).all() for v in values):
+                raise UserError(f"dataset {dataset.spec.dataset_id} holds non-finite (or "
+                                f"beyond float32) {name}; a DT cannot train on them")
         return cls(np.concatenate(states).astype(np.float32),
                    np.concatenate(actions).astype(np.float32),
                    np.concatenate(rewards).astype(np.float32),
@@ -215,7 +263,10 @@ def build_dataset(task: Task, behavior_name, steps, seed=0, n_envs=16, overwrite
         check_value(name, value)
     check_seeds(seed, steps)  # at most one episode per step
     if is_local(task.local_id) and not overwrite:
-        raise UserError(f"dataset {task.local_id} already exists; pass --overwrite to rebuild it")
+        problem = dataset_problem(task.local_id)
+        raise UserError(f"dataset {task.local_id} already exists"
+                        + (f" but is incomplete or corrupt ({problem})" if problem else "")
+                        + "; pass --overwrite to rebuild it")
     env = make_env(task)
     behavior = make_behavior(behavior_name, task, env.observation_space, env.action_space)
     episodes = collect_episodes(task, behavior, steps, seed, n_envs, progress)
@@ -226,18 +277,46 @@ def build_dataset(task: Task, behavior_name, steps, seed=0, n_envs=16, overwrite
                    f"policy {behavior_name!r}, {steps} steps requested, {n_envs} envs in "
                    f"lockstep, episode i reset with seed {seed} + i. Reference returns: "
                    f"{task.ref_source} ({task.ref_min}, {task.ref_max}).")
-    if is_local(task.local_id):  # deleted only now, so a failed collection loses nothing
-        minari.delete_dataset(task.local_id)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # Minari nags about author e-mail
-            return minari.create_dataset_from_buffers(
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Minari nags about author e-mail
+        with staged_dataset(task.local_id):
+            minari.create_dataset_from_buffers(
                 task.local_id, buffers, env=env, eval_env=task.env_id,
                 algorithm_name=f"dtmem-{behavior_name}", author="dtmem",
                 code_permalink=f"dtmem commit {git_commit()}", description=description,
                 ref_min_score=task.ref_min, ref_max_score=task.ref_max)
-    except BaseException:
-        # Never leave a half-written dataset behind (Ctrl-C included).
-        if is_local(task.local_id):
-            minari.delete_dataset(task.local_id)
-        raise
+    return load_local(task.local_id)
+
+
+@contextmanager
+def staged_dataset(dataset_id):
+    """Minari writes the dataset into a private root beside the real one; only a finished
+    dataset is moved into place (replacing an old one only then), so a build that is
+    killed or runs out of space leaves no dataset that looks present. A staging folder of
+    a killed build is removed by the next write."""
+    root = _minari().storage.get_dataset_path()
+    clean_stale_temporaries(root)
+    staging = root / f"{TMP_PREFIX}{os.getpid()}-staging"
+    before = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(staging)
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise UserError(f"no space left on the disk building {dataset_id}; nothing was "
+                        "written, free some space and run again") from None
+    else:
+        target = root / dataset_id
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / dataset_id, target)
+        for meta in staging.rglob("namespace_metadata.json"):  # Minari's namespace files
+            placed = root / meta.relative_to(staging)
+            if not placed.exists():
+                shutil.copyfile(meta, placed)
+    finally:
+        os.environ.pop("MINARI_DATASETS_PATH") if before is None else os.environ.update(
+            MINARI_DATASETS_PATH=before)
+        shutil.rmtree(staging, ignore_errors=True)

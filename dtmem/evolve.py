@@ -2,9 +2,12 @@
 0.065, zero initial mean, log-rank weights over the best half, full covariance; the
 CMA-ES mean is the solution. Fitness: mean over tasks of the DT + NAMM normalised score.
 
-Each task evaluates the whole population in ONE batched rollout (slots = members x
-episodes). Every member of a generation meets the same env seeds (common random
-numbers); each generation draws fresh ones.
+Each task evaluates the population in `shards` batched rollouts (slots = members x
+episodes; a shard is a contiguous block of members, by default all of them), one job
+each for a backend (dtmem/backend.py) to run wherever it likes; CMA-ES stays here. The
+shards fix which slots share a batch, hence every float: the numbers depend on the
+config, never on the backend or its worker count. Every member of a generation meets the
+same env seeds (common random numbers); each generation draws fresh ones.
 
 Checkpoints hold no pickled objects: the run directory keeps the fitness of every
 member of every generation, and `--resume` replays them through a fresh CMA-ES with the
@@ -13,20 +16,21 @@ the fitness values it is told).
 """
 
 import csv
+import functools
 import json
-import multiprocessing
+import math
 import shutil
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dtmem.backend import LocalBackend
 from dtmem.checkpoints import Checkpoint
-from dtmem.errors import UserError
+from dtmem.errors import Interrupted, UserError
 from dtmem.files import atomic_path, git_commit, provenance, write_json
 from dtmem.limits import check
 from dtmem.memory import PolicySpec
@@ -64,6 +68,9 @@ class EvolveConfig:
     """generations between validations of the CMA-ES mean (the stage's best is best.pt)"""
     mean_episodes: int = 32
     """episodes per task of each validation (env seeds VALIDATION_SEED..)"""
+    shards: int = 1
+    """batched rollouts per task, each a block of members and one job (--workers run jobs
+    at once); it decides which episodes share a batch, so it is the run's, like its seed"""
 
 
 # Env seeds evolution meets, apart from both table blocks (development 0..49, confirmation
@@ -100,14 +107,23 @@ def es_recipe(es):
             "covariance": "diagonal" if es.opts["CMA_diagonal"] is True else "full"}
 
 
+def shards_of(member_params, shards):
+    """The shards of a population: contiguous blocks of members, as equal as can be."""
+    return np.array_split(member_params, min(shards, len(member_params)))
+
+
 class Evolution:
-    def __init__(self, cfg: EvolveConfig, out, device="cpu", workers=1):
+    def __init__(self, cfg: EvolveConfig, out, device="cpu", backend=None):
         check(cfg)
         if cfg.n_up % 16:
             raise UserError(f"--n-up must be a multiple of 16, got {cfg.n_up}")
         if cfg.scorer not in SCORERS:
             raise UserError(f"unknown scorer {cfg.scorer!r}; use bam or mlp")
-        self.cfg, self.out, self.device, self.workers = cfg, out and Path(out), device, workers
+        if not (isinstance(cfg.shards, int) and 1 <= cfg.shards <= cfg.population):
+            raise UserError(f"--shards must be an integer from 1 to the population "
+                            f"({cfg.population}), got {cfg.shards!r}")
+        self.cfg, self.out, self.device = cfg, out and Path(out), device
+        self.backend = backend or LocalBackend()
         self.policy_name = policy_for_scorer(cfg.scorer)
         self.n_params = SCORERS[cfg.scorer][1]
         self.models = {}
@@ -126,32 +142,34 @@ class Evolution:
         self.history = []  # per generation: {"stage", "fitness": [...], ...}
         self.stats = None
 
+    def run_tasks(self, member_params, tasks, episodes, seed):
+        """Per task: [members, episodes] normalised scores, the episodes' results (in
+        member order) and the statistics each of its shards saw; one job per (task, shard),
+        all handed to the backend at once."""
+        shards = shards_of(member_params, self.cfg.shards)
+        jobs = [(*self.models[name], self.policy_name, self.cfg.n_up, self.stats, block,
+                 episodes, seed) for name in tasks for block in shards]
+        outcomes = self.backend.map(_evaluate_task, jobs)
+        n = len(shards)
+        per_task = [outcomes[i:i + n] for i in range(0, len(outcomes), n)]
+        return [(np.concatenate([scores for scores, _, _ in done]),
+                 [r for _, results, _ in done for r in results],
+                 [stats for _, _, stats in done]) for done in per_task]
+
     def evaluate(self, member_params, tasks, episodes, seed):
         """Normalised score per member (mean over tasks and episodes), mean cache size,
-        and the standardisation statistics the rollouts saw (collected if not frozen).
-        With workers > 1, tasks run in parallel processes; results are the same."""
-        jobs = [(*self.models[name], self.policy_name, self.cfg.n_up, self.stats,
-                 member_params, episodes, seed) for name in tasks]
-        if self.workers > 1 and len(jobs) > 1:
-            spawn = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(min(self.workers, len(jobs)), mp_context=spawn) as pool:
-                outcomes = list(pool.map(_evaluate_task, *zip(*jobs)))
-        else:
-            outcomes = [_evaluate_task(*job) for job in jobs]
-        scores = np.mean([score.mean(1) for score, _, _ in outcomes], axis=0)
+        and the standardisation statistics the rollouts saw (collected if not frozen)."""
+        outcomes = self.run_tasks(member_params, tasks, episodes, seed)
+        scores = np.mean([scores.mean(1) for scores, _, _ in outcomes], axis=0)
         tokens = float(np.mean([r.mean_tokens for _, results, _ in outcomes for r in results]))
         stats = self.stats
-        if stats is None:  # collecting: pool what every task's rollout saw
-            stats = outcomes[0][2]
-            for _, _, more in outcomes[1:]:
-                stats = merge_stats(stats, more)
+        if stats is None:  # collecting: pool what every job's rollout saw
+            stats = functools.reduce(merge_stats, [s for _, _, seen in outcomes for s in seen])
         return scores, tokens, stats
 
     def episode_scores(self, member_params, task, episodes, seed):
         """[members, episodes] normalised scores on one task (frozen statistics)."""
-        scores, _, _ = _evaluate_task(*self.models[task], self.policy_name, self.cfg.n_up,
-                                      self.stats, member_params, episodes, seed)
-        return scores
+        return self.run_tasks(member_params, [task], episodes, seed)[0][0]
 
     def collect_stats(self):
         """Standardisation statistics from the all-zero NAMM (which keeps everything) on
@@ -194,9 +212,10 @@ class Evolution:
                 bar.update(1)
                 bar.set_postfix(best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}")
         except KeyboardInterrupt:
-            print(f"interrupted; {len(self.history)} generations saved in {self.out}, "
-                  "continue with --resume")
-        bar.close()
+            raise Interrupted(f"{len(self.history)} generations are saved in {self.out}; "
+                              f"continue with `dtmem evolve --resume {self.out}`") from None
+        finally:
+            bar.close()
 
     def save(self, row):
         """Atomic: state.json (config, stats, every fitness), log.csv, latest.pt, best.pt."""
@@ -234,20 +253,33 @@ class Evolution:
                                      h.get("commit", "unknown")])
 
     @classmethod
-    def resume(cls, out, device="cpu", workers=1):
-        """Rebuild a run from its state.json by replaying every told fitness."""
+    def resume(cls, out, device="cpu", backend=None, asked=None):
+        """Rebuild a run from its state.json by replaying every told fitness. asked: the
+        EvolveConfig settings a user gave along (flags); one that is neither its default
+        nor the run's own is refused, since the run keeps its settings."""
         path = Path(out) / "state.json"
         if not path.exists():
             raise UserError(f"nothing to resume: {path} does not exist")
         try:
             state = json.loads(path.read_text())
-            run = cls(EvolveConfig(**state["config"]), out, device, workers)
-        except (ValueError, TypeError, KeyError) as e:
-            raise UserError(f"{path} is corrupt ({type(e).__name__})") from None
+            run = cls(EvolveConfig(**state["config"]), out, device, backend)
+            mean, var, count = state["stats"]
+            history = state["history"]
+            if not all(len(row["fitness"]) == run.cfg.population
+                       and all(math.isfinite(f) for f in row["fitness"]) for row in history):
+                raise ValueError("a generation's fitness is not one finite value per member")
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); restore it from "
+                            "a backup or start a new run") from None
         if state.get("cma_es") != run.recipe:
             raise UserError(f"{path} was made by another CMA-ES recipe ({state.get('cma_es')}); "
                             "resume it with the code that made it, or start a new run")
-        mean, var, count = state["stats"]
+        defaults = {f.name: f.default for f in fields(EvolveConfig) if f.name != "stages"}
+        changed = [f"--{k.replace('_', '-')} {v} (the run has {getattr(run.cfg, k)})"
+                   for k, v in (asked or {}).items()
+                   if v != defaults[k] and v != getattr(run.cfg, k)]
+        if changed:
+            raise UserError(f"--resume keeps the run's settings; drop {', '.join(changed)}")
         run.stats = (torch.tensor(mean), torch.tensor(var), count)
         for row in state["history"]:
             candidates = run.es.ask()
@@ -259,7 +291,9 @@ class Evolution:
 def _evaluate_task(task, checkpoint, policy_name, n_up, stats, member_params, episodes, seed):
     """One task's batched rollout of every member: slot = member x episode, and every
     member meets env seeds seed .. seed + episodes - 1. Returns per-episode scores
-    [members, episodes], the results, the statistics. Module-level, for worker processes."""
+    [members, episodes], the results, the statistics. A backend's job: module-level, so
+    that worker processes can import it, and on one torch thread, the fastest for a
+    rollout's many small ops and the same everywhere."""
     torch.set_num_threads(1)
     members = len(member_params)
     params = torch.as_tensor(np.repeat(member_params, episodes, axis=0), dtype=torch.float32)

@@ -1,14 +1,16 @@
 """The experiment behind the table of return gains (`scripts/run_experiment.py`): every
 memory policy on every shipped DT, one results file per cell, then the report.
 
-Per task, in this order (the matched budgets need the NAMMs' cache sizes first):
-  recompute (the base of every gain), window, full;
-  namm        the zero-shot NAMM (<namm_dir>/default.pt, by default the shipped one);
-  namm-local  the NAMM evolved on this very task (<namm_dir>/<task>.pt), where present;
-  namm-mlp    the MLP NAMM (<namm_dir>/default-mlp.pt), on the tasks of mlp_tasks;
-  every heuristic at each of `budgets`: token counts, and `matched`: each NAMM's (namm,
-  namm-local) own mean cache size on this task in the DEVELOPMENT block, so that the
-  confirmation block's budgets are fixed before it runs.
+Per task, in two phases (the matched budgets need the NAMMs' cache sizes first); each
+phase is one map of a backend (dtmem/backend.py) over every task's cells, which may run
+at once:
+  1. recompute (the base of every gain), window, full;
+     namm        the zero-shot NAMM (<namm_dir>/default.pt, by default the shipped one);
+     namm-local  the NAMM evolved on this very task (<namm_dir>/<task>.pt), where present;
+     namm-mlp    the MLP NAMM (<namm_dir>/default-mlp.pt), on the tasks of mlp_tasks;
+  2. every heuristic at each of `budgets`: token counts, and `matched`: each NAMM's (namm,
+     namm-local) own mean cache size on this task in the DEVELOPMENT block, so that the
+     confirmation block's budgets are fixed before it runs.
 Every cell of a block meets the same env seeds (the block's first seed + 0..episodes-1),
 so gains pair by seed. A cell whose results file already holds enough episodes of the
 same checkpoint and policy is kept, so an interrupted run resumes where it stopped.
@@ -17,6 +19,9 @@ same checkpoint and policy is kept, so an interrupted run resumes where it stopp
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from dtmem.backend import LocalBackend
 from dtmem.checkpoints import Checkpoint, shipped_path
 from dtmem.errors import UserError
 from dtmem.limits import check
@@ -25,8 +30,8 @@ from dtmem.memory.namm.io import SHIPPED_DIR as NAMM_DIR
 from dtmem.report import embed_in_readme, markdown, write_report
 from dtmem.report import report as report_rows
 from dtmem.results import BLOCKS, ensure_cell, matched_budget, read_cell
-from dtmem.runtime import progress_bar
 from dtmem.tasks import all_tasks, resolve_task
+
 
 @dataclass
 class ExperimentConfig:
@@ -115,21 +120,10 @@ def matched_budgets(task, cfg: ExperimentConfig):
     return budgets
 
 
-def run_task(task, cfg: ExperimentConfig, progress=True):
-    """Run (or resume) every cell of one task; returns {cell name: results file}."""
-    checkpoint = Checkpoint.shipped(task.name)
-    folder = block_folder(cfg) / task.name
+def budgeted_cells(task, cfg: ExperimentConfig):
+    """Every heuristic at every budget, fixed and matched; the matched budgets are read from
+    the development block's NAMM cells, so these run after the planned cells."""
     wanted = set(cfg.cells.split(",")) if cfg.cells else None
-    done = {}
-
-    def cell(spec):
-        if wanted is None or spec.cell_name in wanted:
-            path = folder / f"{spec.cell_name}.json"
-            done[spec.cell_name] = ensure_cell(path, checkpoint, task, spec, cfg.episodes,
-                                               BLOCKS[cfg.block], cfg.slots, progress)
-
-    for spec in planned_cells(task, cfg):
-        cell(spec)
     fixed = {int(b) for b in cfg.budgets.split(",") if b != "matched"}
     matched = matched_budgets(task, cfg) if "matched" in cfg.budgets.split(",") else {}
     planned = [n for n in NAMM_CELLS if n == "namm" or namm_file(cfg, task.name).exists()]
@@ -137,20 +131,42 @@ def run_task(task, cfg: ExperimentConfig, progress=True):
     if missing and (wanted is None or any("@" in name for name in wanted)):
         raise UserError(f"{task.name}: the matched budgets need the development block's "
                         f"{', '.join(missing)} cells; run them first")
-    for budget in sorted(fixed | {b for b in matched.values() if b is not None}):
-        for name in cfg.heuristics.split(","):
-            cell(PolicySpec(name, budget=budget))
-    stale = sorted(p.stem for p in folder.glob("*.json") if p.stem not in done)
-    if stale and wanted is None:  # e.g. a matched budget of an earlier NAMM
-        print(f"note: {folder} also holds cells this run did not plan: {', '.join(stale)}; "
-              "delete them if they are stale")
-    return done
+    return [PolicySpec(name, budget=budget)
+            for budget in sorted(fixed | {b for b in matched.values() if b is not None})
+            for name in cfg.heuristics.split(",")]
 
 
-def run(cfg: ExperimentConfig):
+def cell_job(path, checkpoint, task, spec, episodes, seed, slots, progress):
+    """One cell as a backend's job: ensure_cell on one torch thread (the fastest for a
+    rollout's many small ops, and the same wherever the job runs)."""
+    torch.set_num_threads(1)
+    return ensure_cell(path, checkpoint, task, spec, episodes, seed, slots, progress)
+
+
+def run(cfg: ExperimentConfig, backend=None):
+    """Run (or resume) every cell of every task as jobs of `backend` (default: in this
+    process), in two phases, each one map: the planned cells of every task, then the
+    heuristics, whose matched budgets are the first phase's NAMM cells."""
     tasks = experiment_tasks(cfg)
-    for task in progress_bar(tasks, desc="experiment", unit="task"):
-        run_task(task, cfg)
+    backend = backend or LocalBackend()
+    checkpoints = {task.name: Checkpoint.shipped(task.name) for task in tasks}
+    wanted = set(cfg.cells.split(",")) if cfg.cells else None
+    done = {task.name: set() for task in tasks}
+    for phase in (planned_cells, budgeted_cells):
+        jobs = [(block_folder(cfg) / task.name / f"{spec.cell_name}.json",
+                 checkpoints[task.name], task, spec, cfg.episodes, BLOCKS[cfg.block],
+                 cfg.slots, backend.in_process)
+                for task in tasks for spec in phase(task, cfg)
+                if wanted is None or spec.cell_name in wanted]
+        backend.map(cell_job, jobs)
+        for path, _, task, *_ in jobs:
+            done[task.name].add(path.stem)
+    for task in tasks:
+        folder = block_folder(cfg) / task.name
+        stale = sorted(p.stem for p in folder.glob("*.json") if p.stem not in done[task.name])
+        if stale and wanted is None:  # e.g. a matched budget of an earlier NAMM
+            print(f"note: {folder} also holds cells this run did not plan: "
+                  f"{', '.join(stale)}; delete them if they are stale")
     return tasks
 
 

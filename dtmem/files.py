@@ -1,10 +1,12 @@
 """Atomic file writes and the provenance every results file and checkpoint carries."""
 
 import datetime
+import errno
 import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,15 +16,40 @@ from pathlib import Path
 from dtmem.errors import UserError
 from dtmem.tasks import ROOT
 
+TMP_PREFIX = ".dtmem-"  # .dtmem-<pid>-<random>.tmp: short whatever the target's name
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder):
+    """Remove temporary files (and staging folders) of dtmem processes that died before
+    finishing (SIGKILL, power loss); those of live processes are theirs."""
+    for tmp in Path(folder).glob(f"{TMP_PREFIX}*"):
+        pid = tmp.name[len(TMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(True)
+
 
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; on success it replaces `path` in one step,
-    so readers never see a half-written file. An unwritable place is a UserError."""
+    so readers never see a half-written file. An unwritable place or a full disk is a
+    UserError, and leaves nothing behind."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        clean_stale_temporaries(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{os.getpid()}-",
+                                   suffix=".tmp")
         os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
@@ -32,16 +59,66 @@ def atomic_path(path):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        full = (isinstance(e, OSError) and e.errno in DISK_FULL
+                or shutil.disk_usage(path.parent).free < 2**20)
+        if not full:
+            raise
+        raise UserError(f"no space left on the disk writing {path}; nothing was written, "
+                        "free some space and run again") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def ensure_writable(path):
-    """Fail now, before any work, if `path` could not be written later."""
-    with atomic_path(Path(path).with_name(Path(path).name + ".check")) as tmp:
-        tmp.write_text("")
-    os.unlink(Path(path).with_name(Path(path).name + ".check"))
+def ensure_writable(path, size=0):
+    """Fail now, before any work, if `path` could not be written later: a directory in
+    its place, a file where a folder should be, no permission, or less free space than
+    `size` bytes (plus a margin)."""
+    path = Path(path)
+    long = next((part for part in path.parts if len(part.encode()) > 255), None)
+    if long:
+        raise UserError(f"{long[:40]}... is too long a file name (255 bytes at most)")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give a file name")
+    folder = path.parent
+    while not folder.exists():  # the folders atomic_path would create
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: {folder} is not writable; choose another path")
+    free = shutil.disk_usage(folder).free
+    if free < size + 2**20:
+        raise UserError(f"not enough space for {path}: {free / 2**20:.0f} MiB free, about "
+                        f"{size / 2**20:.0f} MiB needed; free some space")
+
+
+@contextmanager
+def lock(path):
+    """Hold `path` (a run directory or an output file) for this process: the lock file
+    <path>.lock holds the owner's pid. A second dtmem process on the same path is refused;
+    a lock whose process is gone (killed) is stale and taken over."""
+    lock_file = Path(f"{path}.lock")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = lock_file.read_text().strip()
+            if owner.isdigit() and process_alive(int(owner)) and int(owner) != os.getpid():
+                raise UserError(f"{path} is in use by dtmem process {owner}; wait for it to "
+                                "finish or choose another path") from None
+            lock_file.unlink(missing_ok=True)  # stale: its process is gone
+    else:
+        raise UserError(f"cannot lock {path}; remove {lock_file} if no dtmem process runs")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock_file.unlink(missing_ok=True)
 
 
 def safe_load(path, what, remedy):

@@ -26,9 +26,10 @@ FIRST_CELLS = ["recompute", "window", "full", "namm", "namm-local", "namm-mlp"]
 def cell_order(name):
     """Table order: the base and the NAMMs first, then each heuristic by budget."""
     if name in FIRST_CELLS:
-        return (FIRST_CELLS.index(name), "", 0)
+        return (FIRST_CELLS.index(name), "", 0, "")
     policy, _, budget = name.partition("@")
-    return (len(FIRST_CELLS), policy, float(budget or 0))
+    size, _, settings = budget.partition("[")
+    return (len(FIRST_CELLS), policy, float(size or 0), settings)
 
 
 def summarise(cells, episodes, block="development"):

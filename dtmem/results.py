@@ -17,7 +17,7 @@ import numpy as np
 from dtmem.checkpoints import Checkpoint, shipped_path
 from dtmem.errors import UserError
 from dtmem.files import provenance, sha256, write_json
-from dtmem.memory import PolicySpec
+from dtmem.memory import PolicySpec, cell_name_of
 from dtmem.rollout import rollout
 from dtmem.stats import bootstrap_ci
 from dtmem.tasks import ROOT, Task, all_tasks
@@ -96,7 +96,8 @@ def ensure_cell(path, checkpoint, task, spec, episodes, seed, slots=None, progre
 
 def spec_of(cell):
     """The PolicySpec a cell records (paths in cells are relative to the repository)."""
-    options = {"namm_file": ROOT / cell["namm"]} if cell.get("namm") else {}
+    options = {**cell.get("settings", {}),
+               **({"namm_file": ROOT / cell["namm"]} if cell.get("namm") else {})}
     return PolicySpec(cell["policy"], cell.get("budget"), cell.get("ratio"), options,
                       cell.get("label"))
 
@@ -116,10 +117,8 @@ def matched_budget(cell):
 
 
 def cell_name(cell):
-    if cell.get("label"):
-        return cell["label"]
-    budget = cell.get("budget") or cell.get("ratio")
-    return cell["policy"] + (f"@{budget}" if budget is not None else "")
+    return cell.get("label") or cell_name_of(cell["policy"], cell.get("budget"),
+                                              cell.get("ratio"), cell.get("settings", {}))
 
 
 def load_cells(folder, episodes, require_shipped=True):

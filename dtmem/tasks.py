@@ -15,8 +15,18 @@ from pathlib import Path
 
 from dtmem.errors import UserError
 
-ROOT = Path(__file__).resolve().parent.parent
-ENVS_DIR = ROOT / "envs"
+PACKAGE = Path(__file__).resolve().parent
+ROOT = PACKAGE.parent  # the repository, when dtmem runs from one (an editable install)
+
+
+def shipped(name):
+    """Where a folder of shipped files (envs, data) is: the repository's own when dtmem
+    runs from one, else the copy a wheel carries inside the package (dtmem/_shipped/)."""
+    in_repository = (ROOT / "pyproject.toml").exists() and (ROOT / name).is_dir()
+    return ROOT / name if in_repository else PACKAGE / "_shipped" / name
+
+
+ENVS_DIR = shipped("envs")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 
 from dtmem.checkpoints import read_checkpoint, save_checkpoint
 from dtmem.data import Episodes, WindowSampler, find_dataset
-from dtmem.errors import UserError
+from dtmem.errors import Interrupted, UserError
 from dtmem.files import provenance
 from dtmem.limits import check, check_memory
 from dtmem.memory import PolicySpec
@@ -141,7 +141,13 @@ def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, pr
                 mask.sum() * pred.shape[-1])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                # Stop before the step: the weights (and any saved checkpoint) stay finite.
+                raise UserError(f"training diverged at update {step + 1}: the loss is "
+                                f"{loss.item()} and the gradient norm {grad_norm.item()}; "
+                                "nothing of that update was saved; lower --lr or check "
+                                "the dataset")
             optimizer.step()
             schedule.step()
             step += 1
@@ -154,7 +160,8 @@ def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, pr
                 save()
     except KeyboardInterrupt:
         save()
-        raise
+        raise Interrupted(f"the checkpoint of update {step} is saved in {out}; continue with "
+                          "the same command and --resume") from None
     bar.close()
     summary = evaluate()
     save()

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from dtmem import suite
-from dtmem.cli import run_reporting_errors
+from dtmem.command import run_reporting_errors
 from dtmem.tasks import ROOT
 
 

@@ -13,7 +13,7 @@ from dataclasses import fields
 import torch
 
 from dtmem import fitness_noise
-from dtmem.cli import add_dataclass_flags, run_reporting_errors
+from dtmem.command import add_dataclass_flags, run_reporting_errors
 
 OUT = "results/fitness-noise"
 

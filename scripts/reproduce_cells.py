@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from dtmem.cli import run_reporting_errors
+from dtmem.command import run_reporting_errors
 from dtmem.errors import UserError
 from dtmem.results import read_cell, reproduce
 

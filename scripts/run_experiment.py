@@ -4,6 +4,7 @@
     python scripts/run_experiment.py --block confirmation --cells recompute,window,full
     python scripts/run_experiment.py --report --update-readme     # every shipped task
     python scripts/run_experiment.py --report-only                # re-make report and plots
+    python scripts/run_experiment.py --backend ray --workers 8    # cells at once, on Ray
 
 Cells (see dtmem/experiment.py) go to results/cells/<task>/ (development block) or
 results/confirm/<task>/ (confirmation block); finished cells are kept, so an interrupted
@@ -16,9 +17,15 @@ import argparse
 import sys
 from dataclasses import fields
 
-from dtmem.cli import (add_dataclass_flags, add_preset_flag, parse_with_preset,
-                       run_reporting_errors)
+from dtmem.command import (
+    add_dataclass_flags,
+    add_preset_flag,
+    parse_with_preset,
+    run_reporting_errors,
+)
+from dtmem.backend import make_backend
 from dtmem.experiment import ExperimentConfig, report, run
+from dtmem.limits import flag_type
 from dtmem.tasks import ROOT
 
 
@@ -31,6 +38,13 @@ def main(argv=None):
     parser.add_argument("--report-only", action="store_true",
                         help="skip the rollouts; report the cells already present")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="where the cells run: local processes (default) or Ray "
+                        '(pip install "dtmem[ray]"); the cells are the same')
+    parser.add_argument("--address", help="with --backend ray: the Ray cluster to join "
+                        "(default: start a local Ray)")
+    parser.add_argument("--workers", type=flag_type("workers"),
+                        help="cells run at once (default 1; with --backend ray, every CPU)")
     parser.add_argument("--update-readme", action="store_true",
                         help="put the table into README.md (for the committed results/)")
     presets = {}
@@ -40,7 +54,8 @@ def main(argv=None):
 
     def work():
         if not args.report_only:
-            run(cfg)
+            with make_backend(args.backend, args.address, args.workers) as backend:
+                run(cfg, backend)
         if args.report or args.report_only or args.update_readme:
             report(cfg, ROOT / "README.md" if args.update_readme else None,
                    plots=not args.no_plots)

@@ -12,7 +12,7 @@ import argparse
 import shutil
 import sys
 
-from dtmem.cli import run_reporting_errors
+from dtmem.command import run_reporting_errors
 from dtmem.lab import LAB_DIR, handout_commands, record_times, run_lab
 
 

@@ -6,7 +6,7 @@ results/n-up-sweep/README.md) into summary.md in the same folder.
 
 import sys
 
-from dtmem.cli import run_reporting_errors
+from dtmem.command import run_reporting_errors
 from dtmem.evolve import sweep_summary
 
 if __name__ == "__main__":

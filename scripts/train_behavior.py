@@ -12,7 +12,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from dtmem.cli import add_dataclass_flags, run_reporting_errors
+from dtmem.command import add_dataclass_flags, run_reporting_errors
 from dtmem.limits import flag_type
 from dtmem.ppo import PPORun, train
 

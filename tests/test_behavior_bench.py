@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from dtmem.behavior import MLPPolicy
-from dtmem.cli import main
 from dtmem.bench import env_floor
+from dtmem.cli import main
 from dtmem.errors import UserError
 
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from dtmem.cli import main
+from dtmem.errors import Interrupted
 
 
 def run(capsys, *argv):
@@ -25,8 +26,13 @@ def test_data_list_shows_eight_tasks_and_local_presence(capsys, hopper_dataset):
     assert code == 0
     rows = [line for line in out.splitlines()[1:] if line.strip()]
     assert len(rows) == 8
-    assert "dtmem/hopper/medium-v0 (present)" in out
-    assert "walker2d-expert" in out and "(present)" not in out.split("walker2d-expert")[1].split("\n")[0]
+    hopper = next(line.split() for line in rows if line.startswith("hopper-medium "))
+    walker = next(line.split() for line in rows if line.startswith("walker2d-expert "))
+    assert hopper[2:4] == ["dtmem/hopper/medium-v0", "present"]
+    assert walker[2:4] == ["dtmem/walker2d/expert-v0", "absent"]
+    # Columns line up: every row's local dataset starts where the header's does.
+    starts = {line.index("dtmem/") for line in rows}
+    assert len(starts) == 1 and out.splitlines()[0].index("local dataset") in starts
 
 
 @pytest.mark.parametrize("policy", ["recompute", "window", "full"])
@@ -78,7 +84,7 @@ def test_interrupted_training_resumes_to_the_same_weights(hopper_dataset, tmp_pa
         return sample(self, batch_size)
 
     monkeypatch.setattr(WindowSampler, "sample", interrupt_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="update 6 is saved"):
         train(cfg, tmp_path / "resumed.pt", progress=False)
     assert read_checkpoint(tmp_path / "resumed.pt")["steps"] == 6
     monkeypatch.setattr(WindowSampler, "sample", sample)
@@ -100,10 +106,10 @@ def test_console_script_exit_code_and_single_line(tmp_path):
     (["rollout", "--task", "hopper-hard"], "unknown task"),
     (["rollout", "--env", "pong"], "unknown env"),
     (["rollout", "--policy", "magic"], "unknown policy"),
-    (["rollout", "--episodes", "0"], "must be positive"),
-    (["rollout", "--episodes", "-3"], "must be positive"),
-    (["train", "--steps", "0"], "must be positive"),
-    (["data", "build", "--env", "hopper", "--steps", "0"], "must be positive"),
+    (["rollout", "--episodes", "0"], "must be an integer from 1"),
+    (["rollout", "--episodes", "-3"], "must be an integer from 1"),
+    (["train", "--steps", "0"], "must be an integer from 1"),
+    (["data", "build", "--env", "hopper", "--steps", "0"], "must be an integer from 1"),
     (["data", "build", "--env", "hopper", "--behavior", "wizard", "--overwrite"],
      "unknown behaviour policy"),
     (["data", "build", "--env", "hopper", "--steps", "10"], "already exists"),
@@ -193,7 +199,8 @@ def test_every_command_of_the_parser_has_a_handler():
 
 
 def test_preset_sets_defaults_and_explicit_flags_win():
-    from dtmem.cli import make_parser, parse_with_preset
+    from dtmem.cli import make_parser
+    from dtmem.command import parse_with_preset
     from dtmem.presets import PRESETS
 
     parser = make_parser()

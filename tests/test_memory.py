@@ -88,6 +88,72 @@ def test_random_keeps_the_budget_with_the_newest_and_is_seeded():
     assert kept[0] == kept[1]
 
 
+def test_tova_keeps_what_the_state_query_attends_to_averaged_over_heads():
+    cache = filled_cache()  # the last step's queries: a_10 (32), R_11 (33), s_11 (34)
+    policy = PolicySpec("tova", budget=4).build(20, 3000)
+    probs = torch.zeros(1, 2, 3, 35)  # [E, H, queries, span]: two heads
+    probs[0, :, :2, 20] = 1.0  # the a_{t-1} and R_t queries: ignored
+    probs[0, 0, 2, [3, 17, 20]] = torch.tensor([0.5, 0.3, 0.2])  # s_t, head 0
+    probs[0, 1, 2, [9, 17, 20]] = torch.tensor([0.6, 0.3, 0.1])  # s_t, head 1
+    other = torch.zeros(1, 2, 3, 35)
+    other[0, :, 2, [5, 6, 7]] = 1 / 3
+    policy.after_step(cache, torch.tensor([11]), [probs, other])
+    # Head means: 9 and 17 0.3, 3 0.25, 20 0.15 (not 1.0: a_{t-1} and R_t do not count).
+    assert kept_arrivals(cache, layer=0) == [3, 9, 17, 34]
+    assert kept_arrivals(cache, layer=1) == [5, 6, 7, 34]
+
+
+def test_snapkv_pools_older_tokens_votes_over_held_neighbours_and_keeps_the_window():
+    cache = filled_cache()
+    cache.evict(cache.arrival == 11)
+    policy = PolicySpec("snapkv", budget=9, options={"window": 6, "kernel": 3}).build(20, 3000)
+    policy.prepare(cache)
+    votes = torch.zeros(35)
+    votes[[10, 20, 28, 29]] = torch.tensor([3.0, 2.7, 2.8, 5.0])  # 29 is in the window
+    cache.token_state["snapkv_rows"][:, 0, :35, 0] = votes
+    policy.after_step(cache, torch.tensor([11]), [torch.zeros(1, 1, 3, 35)] * 2)
+    # Pooled (mean of 3 held neighbours): 9, 10, 12 get 1.0 (11 is gone), 19..21 0.9, 27
+    # and 28 0.93 (29's votes do not spill: the window's are not pooled); the window 29..34.
+    assert kept_arrivals(cache) == [9, 10, 12, 29, 30, 31, 32, 33, 34]
+
+
+@pytest.mark.parametrize("window, kept", [(3, [12, 20, 32, 33, 34]),
+                                          (6, [5, 12, 29, 30, 31, 32, 33, 34])])
+def test_snapkv_votes_with_the_last_window_queries_only(window, kept):
+    """Votes of queries that left the window are overwritten by the newest ones."""
+    cache = filled_cache()
+    policy = PolicySpec("snapkv", budget=window + 2,
+                        options={"window": window, "kernel": 1}).build(20, 3000)
+    policy.prepare(cache)
+    cache.token_state["snapkv_rows"][:, 0, 5] = 1.0  # 5 had a vote from every older query
+    probs = torch.zeros(1, 1, 3, 35)
+    probs[0, 0, :, 12], probs[0, 0, :, 20] = 0.6, 0.4  # the 3 newest queries (32, 33, 34)
+    policy.after_step(cache, torch.tensor([11]), [probs, probs])
+    assert kept_arrivals(cache) == kept
+
+
+def test_keydiff_keeps_the_keys_least_similar_to_the_mean_key():
+    cache = filled_cache()
+    e0, e1 = torch.eye(cache.keys.shape[-1])[:2]
+    keys = torch.arange(1, 36).float()[:, None] * e0  # most keys point the same way
+    keys[7] = -0.01 * e0  # opposite (and a tiny norm: only the direction counts)
+    keys[15] = e1  # orthogonal
+    keys[22] = e0 + e1  # 45 degrees
+    cache.keys[:, 0, :35] = keys[:, None]
+    PolicySpec("keydiff", budget=4).build(20, 3000).after_step(cache, torch.tensor([11]), None)
+    assert kept_arrivals(cache) == [7, 15, 22, 34]
+
+
+def test_pyramid_gives_lower_layers_more_of_the_same_total():
+    cache = filled_cache()
+    policy = PolicySpec("streaming", budget=10, options={"pyramid": 0.4}).build(20, 3000)
+    policy.after_step(cache, torch.tensor([11]), None)
+    assert kept_arrivals(cache, layer=0) == [0, 1, 2, 3, *range(25, 35)]  # 1.4 x 10
+    assert kept_arrivals(cache, layer=1) == [0, 1, 2, 3, 33, 34]  # 0.6 x 10
+    assert policy.max_held() >= 14 + 3 and policy.describe()["pyramid"] == 0.4
+    assert "pyramid" not in PolicySpec("streaming", budget=10).build(20, 3000).describe()
+
+
 def test_ratio_budget_follows_the_episode_length():
     cache = filled_cache()
     PolicySpec("streaming", ratio=0.2).build(20, 3000).after_step(cache, torch.tensor([11]), None)
@@ -106,10 +172,10 @@ def test_evicted_state_follows_compaction():
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--policy", "h2o", "--budget", "1"], "--budget must be between"),
+    (["--policy", "h2o", "--budget", "1"], "must be an integer from 3"),
     (["--policy", "h2o", "--budget", "5000"], "--budget must be between"),
-    (["--policy", "l2", "--ratio", "0"], "--ratio must be in"),
-    (["--policy", "l2", "--ratio", "1.5"], "--ratio must be in"),
+    (["--policy", "l2", "--ratio", "0"], "must be a number from"),
+    (["--policy", "l2", "--ratio", "1.5"], "must be a number from"),
     (["--policy", "full", "--budget", "60"], "takes no --budget"),
     (["--policy", "recompute", "--ratio", "0.5"], "takes no --budget"),
     (["--policy", "streaming", "--budget", "60", "--ratio", "0.5"], "not both"),

@@ -9,8 +9,9 @@ the new tokens (a_{t-1}, R_t, s_t) were decoded; the policy marks tokens with
 
 import importlib
 import importlib.util
+import math
 import pkgutil
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -75,9 +76,19 @@ class MemoryPolicy:
         [E, H, n_new, span] probabilities of the new queries (rows of missing tokens are
         zero), or None."""
 
+    def settings(self) -> dict:
+        """The settings (dataclass fields) this policy was given away from their defaults."""
+        basic = {"context_steps", "max_tokens", "budget", "ratio"}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.init and f.name not in basic and f.default is not MISSING
+                and getattr(self, f.name) != f.default}
+
     def describe(self) -> dict:
-        """What a results file records about this policy beyond its name."""
-        return {"budget": None, "ratio": None}
+        """What a results file records about this policy beyond its name (settings only
+        when some differ from their defaults, so that older results files still match)."""
+        settings = self.settings()
+        return {"budget": getattr(self, "budget", None), "ratio": getattr(self, "ratio", None),
+                **({"settings": settings} if settings else {})}
 
 
 SLACK_TOKENS = 48  # room beyond a fixed budget, so compaction runs every 16 steps
@@ -95,7 +106,8 @@ def keep_top(scores, keep, protected):
 class ScoredPolicy(MemoryPolicy):
     """Keep the `budget` highest-scoring tokens of each layer and slot, or a `ratio` of the
     tokens the episode has produced so far. The newest token always stays (as in NAMM).
-    Subclasses define `score`; higher means keep."""
+    With `pyramid` > 0 the layers share the same total unequally (PyramidKV, Cai et al.
+    2024: more in lower layers). Subclasses define `score`; higher means keep."""
 
     takes_budget: ClassVar[bool] = True
 
@@ -103,21 +115,52 @@ class ScoredPolicy(MemoryPolicy):
     """tokens kept per layer (default 3K, the tokens of the DT's own window)"""
     ratio: float | None = None
     """or: the fraction of the episode's tokens so far that is kept"""
+    pyramid: float = 0.0
+    """PyramidKV slope in [0, 1): layer l of L keeps (1 + pyramid (1 - 2l/(L-1))) x budget"""
 
     def __post_init__(self):
         if self.budget is None and self.ratio is None:
             self.budget = 3 * self.context_steps
         check_budget(self.budget, self.ratio, self.max_tokens)
+        if not 0 <= self.pyramid < 1:
+            raise UserError(f"pyramid must be in [0, 1), got {self.pyramid}")
+
+    def most_per_layer(self):
+        """The largest per-layer share of a fixed budget, whatever the layer count: layer l
+        gets a difference of two roundings of budget x f_l, f_l <= 1 + pyramid."""
+        if not self.pyramid:
+            return self.budget
+        return math.floor(self.budget * (1 + self.pyramid)) + 1
 
     def capacity(self):
         if self.budget is None:
             return self.max_tokens
-        return min(self.max_tokens, self.budget + SLACK_TOKENS)
+        return min(self.max_tokens, self.most_per_layer() + SLACK_TOKENS)
 
     def max_held(self):
         # A ratio's budget grows with the episode; a fixed one is exceeded only by the
         # 3 tokens of the step decoded before the next eviction.
-        return self.max_tokens if self.budget is None else min(self.max_tokens, self.budget + 3)
+        if self.budget is None:
+            return self.max_tokens
+        return min(self.max_tokens, self.most_per_layer() + 3)
+
+    def per_layer(self, keep, n_layers):
+        """[E] tokens kept per layer -> [1, E] (the same in every layer) or, with a pyramid,
+        [L, E]: layer l keeps keep x f_l, f_l = 1 + pyramid (1 - 2l/(L-1)) falling linearly
+        from the first layer to the last, sum f_l = L. Rounded as differences of the
+        rounded running sums, so the layers' total stays L x keep; at least 1 each."""
+        if not self.pyramid:
+            return keep[None]
+        L = n_layers
+        layer = torch.arange(L, dtype=torch.float64, device=keep.device)
+        # Running sum of f over layers 0..l: (l + 1)(1 + pyramid (1 - l/(L-1))); L at l = L-1.
+        slope = self.pyramid * (1 - layer / (L - 1)) if L > 1 else torch.zeros_like(layer)
+        running = torch.round(((layer + 1) * (1 + slope))[:, None] * keep.double()).long()
+        shares = running.diff(dim=0, prepend=torch.zeros_like(running[:1]))
+        shares = shares.clamp(min=1)
+        if self.budget is not None:  # guards max_held() against rounding of floats
+            shares = shares.clamp(max=self.most_per_layer())
+        return shares
 
     def score(self, cache, timestep, attention):
         """[L, E, C] float; only valid positions are read."""
@@ -128,6 +171,7 @@ class ScoredPolicy(MemoryPolicy):
             keep = torch.full_like(cache.n_arrived, self.budget)
         else:
             keep = torch.ceil(self.ratio * cache.n_arrived).long().clamp(min=1)
+        keep = self.per_layer(keep, cache.n_layers)  # [1 or L, E]
         over = cache.held() > keep  # [L, E]
         if not over.any():
             return
@@ -138,11 +182,16 @@ class ScoredPolicy(MemoryPolicy):
                             "one score per cached position (layers, slots, capacity)")
         scores = scores.float().masked_fill(~cache.valid, float("-inf"))
         newest = cache.valid & (cache.arrival == (cache.n_arrived - 1)[None, :, None])
-        kept = keep_top(scores, keep[None, :, None], newest)
+        kept = keep_top(scores, keep[..., None], newest)
         cache.evict(cache.valid & over[..., None] & ~kept)
 
-    def describe(self):
-        return {"budget": self.budget, "ratio": self.ratio}
+
+def cell_name_of(policy, budget, ratio, settings):
+    """A cell's name in tables: h2o@60, l2@0.25, h2o@60[pyramid=0.5]."""
+    size = budget if budget is not None else ratio
+    name = policy + (f"@{size}" if size is not None else "")
+    return name + (f"[{','.join(f'{k}={v}' for k, v in sorted(settings.items()))}]"
+                   if settings else "")
 
 
 def policy_names():
@@ -182,8 +231,8 @@ class PolicySpec:
     def cell_name(self):
         if self.label:
             return self.label
-        size = self.budget if self.budget is not None else self.ratio
-        return self.name + (f"@{size}" if size is not None else "")
+        return cell_name_of(self.name, self.budget, self.ratio,
+                            {k: v for k, v in self.options.items() if k != "namm_file"})
 
     def build(self, context_steps, max_tokens) -> MemoryPolicy:
         """The policy for a DT of K = context_steps on episodes of max_tokens tokens."""

@@ -29,6 +29,7 @@ class HeavyHitters(ScoredPolicy):
             recent = torch.full_like(cache.n_arrived, self.budget // 2)
         else:
             recent = torch.ceil(self.ratio * cache.n_arrived / 2).long()
-        is_recent = cache.arrival >= (cache.n_arrived - recent)[None, :, None]
+        recent = self.per_layer(recent, cache.n_layers)  # [1 or L, E]: half of each share
+        is_recent = cache.arrival >= (cache.n_arrived - recent)[..., None]
         # Attention received is at most the number of queries: recent tokens outrank it.
         return cache.token_state["h2o_received"] + is_recent * cache.max_arrival_bonus()

@@ -7,9 +7,9 @@ from dtmem.errors import UserError
 from dtmem.files import atomic_path, safe_load
 from dtmem.memory.namm.features import N_BINS
 from dtmem.memory.namm.scorers import BAM_PARAMS, SCORERS
-from dtmem.tasks import ROOT
+from dtmem.tasks import shipped
 
-SHIPPED_DIR = ROOT / "data" / "namm"  # default.pt (zero-shot), <task>.pt (evolved on it)
+SHIPPED_DIR = shipped("data") / "namm"  # default.pt (zero-shot), <task>.pt (evolved on it)
 FORMAT = "dtmem-namm-1"
 
 
@@ -33,7 +33,40 @@ def read_namm(path):
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not a dtmem NAMM file; import an original checkpoint "
                         "with `dtmem namm import`")
+    problem = schema_problem(payload)
+    if problem:
+        raise UserError(f"NAMM file {path} is damaged: {problem}; evolve or restore it")
     return payload
+
+
+def schema_problem(payload):
+    """What is wrong with a NAMM file's contents, or None."""
+    missing = [k for k in ("scorer", "params", "stats_mean", "stats_var", "stats_count",
+                           "n_up", "meta") if k not in payload]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    if payload["scorer"] not in SCORERS:
+        return f"unknown scorer {payload['scorer']!r}"
+    params = payload["params"]
+    if not isinstance(params, torch.Tensor) or params.dim() != 1:
+        return "params is not a vector"
+    for name in ("stats_mean", "stats_var"):
+        value = payload[name]
+        if not isinstance(value, torch.Tensor) or value.shape != (N_BINS,):
+            return f"{name} is not a vector of {N_BINS} values"
+    values = (params, payload["stats_mean"], payload["stats_var"])
+    if not all(torch.isfinite(v).all() for v in values):
+        return "its parameters or statistics hold non-finite values"
+    if (payload["stats_var"] < 0).any():
+        return "stats_var holds negative variances"
+    count, n_up = payload["stats_count"], payload["n_up"]
+    if not isinstance(count, int) or count < 0:
+        return f"stats_count = {count!r} is not a count"
+    if not isinstance(n_up, int) or not 16 <= n_up <= 4096 or n_up % 16:
+        return f"n_up = {n_up!r} is not a multiple of 16 from 16 to 4096"
+    if not isinstance(payload["meta"], dict):
+        return "meta is not a dict"
+    return None
 
 
 def load_namm(path, scorer):

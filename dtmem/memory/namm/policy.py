@@ -19,8 +19,16 @@ import torch
 from dtmem.errors import UserError
 from dtmem.files import relative_to_root, sha256
 from dtmem.memory import SLACK_TOKENS, MemoryPolicy, keep_top, register
-from dtmem.memory.namm.features import (HOP, N_BINS, N_FEATURES, ema_update, merge_stats,
-                                        recency, spectrogram, standardise)
+from dtmem.memory.namm.features import (
+    HOP,
+    N_BINS,
+    N_FEATURES,
+    ema_update,
+    merge_stats,
+    recency,
+    spectrogram,
+    standardise,
+)
 from dtmem.memory.namm.io import load_namm, read_namm, shipped_file
 from dtmem.memory.namm.scorers import SCORERS
 

@@ -1,0 +1,329 @@
+"""Hostile input against the real CLI, class by class: every case ends in one line on
+stderr with exit code 2 (130 for Ctrl-C), no traceback, and nothing half-written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from dtmem.cli import main
+from dtmem.limits import LIMITS
+
+
+def refused(capsys, argv, needle="", code=2):
+    """Run the CLI; it must end in exactly one line on stderr with `code`."""
+    result = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert result == code, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert needle in err, err
+    return err
+
+
+# 1. Numbers that are not numbers: every numeric flag of every command, bad values.
+NUMERIC_FLAGS = [
+    ("rollout", "--episodes"), ("rollout", "--slots"), ("rollout", "--seed"),
+    ("rollout", "--budget"), ("rollout", "--ratio"), ("rollout", "--target-return"),
+    ("rollout", "--threads"), ("train", "--steps"), ("train", "--batch-size"),
+    ("train", "--lr"), ("train", "--dropout"), ("train", "--warmup-steps"), ("train", "--seed"),
+    ("train", "--n-embd"), ("train", "--grad-clip"), ("train", "--context-steps"),
+    ("evolve", "--population"), ("evolve", "--sigma"), ("evolve", "--generations"),
+    ("evolve", "--episodes"), ("evolve", "--n-up"), ("evolve", "--seed"), ("evolve", "--workers"),
+    ("data build", "--steps"), ("data build", "--seed"), ("data build", "--envs"),
+    ("report", "--episodes"), ("namm import x.pt --out y.pt", "--n-up"),
+]
+BAD_NUMBERS = ["nan", "inf", "-1", "1e400", "99999999999999999999999", "abc"]
+
+
+NUMBER_CASES = [(command, flag, value) for command, flag in NUMERIC_FLAGS for value in BAD_NUMBERS
+                if value != "-1" or LIMITS[flag[2:].replace("-", "_")][1] > -1]
+
+
+@pytest.mark.parametrize("command, flag, value", NUMBER_CASES)
+def test_numbers_that_are_not_numbers(capsys, command, flag, value):
+    refused(capsys, [*command.split(), flag, value], "argument " + flag)
+
+
+# 2. Sizes beyond what the machine holds are refused with the estimate, before any work.
+@pytest.mark.parametrize("argv, needle", [
+    (["rollout", "--policy", "full", "--episodes", "100000"], "GiB but only"),
+    (["train", "--n-embd", "4096", "--n-layer", "48", "--out", "{tmp}/big.pt"], "GiB but only"),
+    (["train", "--n-embd", "30", "--n-head", "4", "--out", "{tmp}/odd.pt"], "multiple of"),
+    (["rollout", "--seed", "2147483640", "--episodes", "20"], "past the largest env seed"),
+])
+def test_sizes_are_bounded(capsys, tmp_path, argv, needle):
+    refused(capsys, [a.format(tmp=tmp_path) for a in argv], needle)
+    assert not list(tmp_path.iterdir())
+
+
+# 3. Bad output locations are found before the work.
+@pytest.mark.parametrize("where, needle", [
+    ("dir", "is a directory"), ("under-file", "is a file, not a folder"),
+    ("long", "too long a file name"),
+])
+@pytest.mark.parametrize("command", [
+    ["rollout", "--episodes", "1", "--json"], ["train", "--steps", "1", "--out"],
+    ["evolve", "--tasks", "hopper-medium", "--out"],
+])
+def test_output_locations_are_checked_first(capsys, tmp_path, command, where, needle):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-dir").mkdir()
+    target = {"dir": tmp_path / "a-dir", "under-file": tmp_path / "a-file" / "out.json",
+              "long": tmp_path / ("x" * 300)}[where]
+    if command[0] == "evolve" and where == "dir":  # a run directory is meant to be one
+        target, needle = tmp_path / "a-file", "is a file, not a folder"
+    refused(capsys, [*command, target], needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file"]
+
+
+# 4. Well-formed files with the wrong contents.
+def damaged_checkpoint(checkpoint, path, damage):
+    payload = torch.load(checkpoint, weights_only=True)
+    damage(payload)
+    torch.save(payload, path)
+
+
+CHECKPOINT_DAMAGE = {
+    "missing key": (lambda p: p.pop("state_std"), "lacks state_std"),
+    "wrong shape": (lambda p: p.update(state_mean=torch.zeros(3)), "state_mean is not"),
+    "nan normaliser": (lambda p: p["state_std"].fill_(float("nan")), "non-finite"),
+    "zero std": (lambda p: p["state_std"].fill_(0.0), "not positive"),
+    "nan weights": (lambda p: next(iter(p["model"].values())).fill_(float("nan")),
+                    "non-finite"),
+    "huge width": (lambda p: p["config"].update(n_embd=10**9), "n_embd"),
+    "bad config": (lambda p: p["config"].update(n_layer="3"), "n_layer"),
+    "not a config": (lambda p: p.update(config=[1, 2]), "not a DT config"),
+    "weights not tensors": (lambda p: p.update(model={"a": 1}), "not a dict of tensors"),
+    "wrong format": (lambda p: p.update(format="other"), "not a dtmem"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(CHECKPOINT_DAMAGE))
+def test_damaged_checkpoints(capsys, tmp_path, checkpoint, damage):
+    fn, needle = CHECKPOINT_DAMAGE[damage]
+    damaged_checkpoint(checkpoint, tmp_path / "bad.pt", fn)
+    refused(capsys, ["rollout", "--episodes", "1", "--checkpoint", tmp_path / "bad.pt",
+                     "--json", tmp_path / "r.json"], needle)
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"just some text\n", "corrupt"), (b"PK\x03\x04garbage", "corrupt"), (b"", "corrupt"),
+    (b"\x80\x04\x95", "corrupt"),
+])
+def test_files_that_are_not_checkpoints(capsys, tmp_path, content, needle):
+    (tmp_path / "bad.pt").write_bytes(content)
+    refused(capsys, ["rollout", "--checkpoint", tmp_path / "bad.pt"], needle)
+
+
+def namm_payload():
+    return {"format": "dtmem-namm-1", "scorer": "bam", "params": torch.zeros(4172),
+            "stats_mean": torch.zeros(17), "stats_var": torch.ones(17), "stats_count": 10,
+            "n_up": 48, "meta": {}}
+
+
+NAMM_DAMAGE = {
+    "missing params": (lambda p: p.pop("params"), "lacks params"),
+    "impossible n_up": (lambda p: p.update(n_up=40), "n_up"),
+    "n_up zero": (lambda p: p.update(n_up=0), "n_up"),
+    "nan params": (lambda p: p["params"].fill_(float("nan")), "non-finite"),
+    "inf stats": (lambda p: p["stats_mean"].fill_(float("inf")), "non-finite"),
+    "negative variance": (lambda p: p["stats_var"].fill_(-1.0), "negative"),
+    "stats shape": (lambda p: p.update(stats_var=torch.ones(5)), "stats_var"),
+    "bad count": (lambda p: p.update(stats_count=-3), "stats_count"),
+    "unknown scorer": (lambda p: p.update(scorer="lstm"), "unknown scorer"),
+    "wrong size": (lambda p: p.update(params=torch.zeros(10)), "4172"),
+    "meta not dict": (lambda p: p.update(meta=[1]), "meta"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(NAMM_DAMAGE))
+def test_damaged_namm_files(capsys, tmp_path, checkpoint, damage):
+    fn, needle = NAMM_DAMAGE[damage]
+    payload = namm_payload()
+    fn(payload)
+    torch.save(payload, tmp_path / "bad.pt")
+    refused(capsys, ["rollout", "--policy", "namm", "--namm", tmp_path / "bad.pt",
+                     "--checkpoint", checkpoint, "--episodes", "1"], needle)
+
+
+# 5. Corrupt datasets are reported as such by every command that reads them.
+@pytest.fixture
+def own_minari_root(tmp_path, monkeypatch):
+    from dtmem.data import build_dataset
+    from dtmem.tasks import resolve_task
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    build_dataset(resolve_task("hopper"), "random", 300, 0, 2, progress=False)
+    return tmp_path / "minari" / "dtmem" / "hopper" / "medium-v0" / "data"
+
+
+def truncate(folder):
+    data = (folder / "main_data.hdf5").read_bytes()
+    (folder / "main_data.hdf5").write_bytes(data[: len(data) // 3])
+
+
+def flip_bytes(folder):
+    data = bytearray((folder / "main_data.hdf5").read_bytes())
+    data[:8] = b"\xff" * 8
+    (folder / "main_data.hdf5").write_bytes(bytes(data))
+
+
+def bad_metadata(folder):
+    (folder / "metadata.json").write_text("{not json")
+
+
+def no_metadata(folder):
+    (folder / "metadata.json").unlink()
+
+
+def nan_values(folder):
+    with h5py.File(folder / "main_data.hdf5", "r+") as f:
+        f["episode_0/observations"][0, 0] = np.nan
+
+
+def huge_values(folder):
+    with h5py.File(folder / "main_data.hdf5", "r+") as f:
+        f["episode_0/rewards"][0] = 1e308
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (truncate, "incomplete or corrupt"), (flip_bytes, "incomplete or corrupt"),
+    (bad_metadata, "incomplete or corrupt"), (no_metadata, "incomplete or corrupt"),
+    (nan_values, "non-finite"), (huge_values, "non-finite"),
+])
+def test_corrupt_datasets(capsys, tmp_path, own_minari_root, damage, needle):
+    damage(own_minari_root)
+    refused(capsys, ["train", "--steps", "2", "--out", tmp_path / "dt.pt"], needle)
+    assert not (tmp_path / "dt.pt").exists()
+    assert main(["data", "list"]) == 0
+    listed = capsys.readouterr().out
+    hopper = next(line for line in listed.splitlines() if line.startswith("hopper-medium "))
+    assert " present" not in hopper or damage in (nan_values, huge_values)
+
+
+def test_an_interrupted_build_leaves_no_dataset_that_looks_present(capsys, tmp_path,
+                                                                   monkeypatch):
+    import minari
+
+    from dtmem.data import is_local
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    create = minari.create_dataset_from_buffers
+
+    def killed_midway(*args, **kwargs):
+        create(*args, **kwargs)  # the files are written...
+        raise KeyboardInterrupt  # ...and the process is stopped before it returns
+
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", killed_midway)
+    refused(capsys, ["data", "build", "--steps", "200", "--envs", "2"], "interrupted", 130)
+    assert not is_local("dtmem/hopper/medium-v0")
+    assert not [p for p in (tmp_path / "minari").iterdir() if p.name.startswith(".dtmem-")]
+
+
+# 6. Run directories are locked; outputs are not replaced unasked.
+def test_a_run_directory_in_use_is_refused_and_a_stale_lock_taken_over(capsys, tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run.lock").write_text(str(sleeper.pid))
+        refused(capsys, ["evolve", "--tasks", "hopper-medium", "--out", tmp_path / "run"],
+                f"in use by dtmem process {sleeper.pid}")
+        refused(capsys, ["train", "--steps", "1", "--out", tmp_path / "run"],
+                f"in use by dtmem process {sleeper.pid}")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    from dtmem.files import lock
+
+    with lock(tmp_path / "run"):  # the owner is gone: the lock is stale and taken over
+        assert (tmp_path / "run.lock").read_text() == str(os.getpid())
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_train_does_not_replace_a_checkpoint_unasked(capsys, tmp_path, checkpoint):
+    out = tmp_path / "dt.pt"
+    out.write_bytes(checkpoint.read_bytes())
+    refused(capsys, ["train", "--steps", "1", "--out", out], "--resume")
+    assert out.read_bytes() == checkpoint.read_bytes()
+
+
+# 7. Interrupted and resumed evolution runs.
+@pytest.fixture
+def evolved(tmp_path, monkeypatch, checkpoint):
+    from dtmem import checkpoints
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "hopper-medium.pt").write_bytes(checkpoint.read_bytes())
+    monkeypatch.setattr(checkpoints, "SHIPPED_DIR", shipped)
+    out = tmp_path / "run"
+    assert main(["evolve", "--tasks", "hopper-medium", "--generations", "2", "--population",
+                 "4", "--episodes", "1", "--n-up", "16", "--mean-episodes", "1",
+                 "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--population", "8"], "--population 8 (the run has 4)"),
+    (["--sigma", "0.5"], "--sigma 0.5"),
+    (["--tasks", "hopper-expert"], "drop --tasks"),
+])
+def test_resume_refuses_changed_settings(capsys, evolved, flags, needle):
+    capsys.readouterr()
+    refused(capsys, ["evolve", "--resume", evolved, *flags], needle)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda s: "{truncated", "damaged"),
+    (lambda s: json.dumps({**json.loads(s), "history": [{"fitness": [1.0]}]}), "damaged"),
+    (lambda s: json.dumps({**json.loads(s), "history": [
+        {**json.loads(s)["history"][0], "fitness": [float("nan")] * 4}]}), "damaged"),
+    (lambda s: json.dumps({**json.loads(s), "stats": "x"}), "damaged"),
+    (lambda s: json.dumps({**json.loads(s), "config": {"stages": 3}}), "damaged"),
+    (lambda s: json.dumps({**json.loads(s), "cma_es": {"step_size_rule": "TPA"}}),
+     "another CMA-ES recipe"),
+])
+def test_damaged_state_is_refused(capsys, evolved, damage, needle):
+    state = evolved / "state.json"
+    state.write_text(damage(state.read_text()))
+    capsys.readouterr()
+    refused(capsys, ["evolve", "--resume", evolved, "--generations", "2"], needle)
+
+
+def test_ctrl_c_on_evolve_says_what_was_saved(capsys, tmp_path, evolved, monkeypatch):
+    from dtmem import evolve
+
+    calls = []
+    evaluate = evolve.Evolution.evaluate
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # statistics, generation 0, then Ctrl-C in generation 1
+            raise KeyboardInterrupt
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(evolve.Evolution, "evaluate", interrupted)
+    err = refused(capsys, ["evolve", "--tasks", "hopper-medium", "--generations", "3",
+                           "--population", "4", "--episodes", "1", "--n-up", "16",
+                           "--mean-episodes", "1", "--out", tmp_path / "r2"], "--resume", 130)
+    assert "1 generations are saved" in err
+    assert json.loads((tmp_path / "r2" / "state.json").read_text())["history"]
+    assert not (tmp_path / "r2.lock").exists()
+
+
+# 8. Leftovers of killed processes are cleaned by the next write.
+def test_stale_temporaries_are_removed(capsys, tmp_path, checkpoint):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".dtmem-{dead.pid}-abc.tmp"
+    stale.write_text("half")
+    live = tmp_path / f".dtmem-{os.getpid()}-xyz.tmp"
+    live.write_text("mine")
+    assert main(["rollout", "--episodes", "1", "--checkpoint", str(checkpoint),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    assert not stale.exists() and live.exists() and (tmp_path / "r.json").exists()
