@@ -106,9 +106,9 @@ class RayBackend(Backend):
         ray = self.ray()
         if fn not in self.remote:
             self.remote[fn] = ray.remote(fn).options(num_cpus=1, max_retries=self.RETRIES)
-        stored = {}  # id -> object ref: an argument many jobs share (a checkpoint, the
-        # statistics) goes to the object store once, not once per job; Ray hands the
-        # task its value
+        # An argument many jobs share (a checkpoint, the statistics) goes to the object
+        # store once, not once per job; a task is handed the value of each reference.
+        stored = {}  # id(argument) -> its object reference
         for job in jobs:
             for arg in job:
                 if id(arg) not in stored:

@@ -2,8 +2,10 @@
 and `Checkpoint`, the one way a DT travels through dtmem: model, state normaliser, the
 task and dataset it was trained on, and the file's hash."""
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+
+import math
 
 import torch
 
@@ -16,8 +18,9 @@ SHIPPED_DIR = shipped("data") / "checkpoints"  # data/checkpoints/<task>.pt, use
 
 
 def save_checkpoint(path, model, *, task, dataset_id, state_mean, state_std, steps,
-                    provenance, metrics=None, training_state=None):
-    """training_state: optimiser, scheduler and RNG states for --resume (optional)."""
+                    provenance, metrics=None, training_state=None, reference=None):
+    """training_state: optimiser, scheduler and RNG states for --resume (optional);
+    reference: the dataset's own reference returns {"min", "max", "source"}, if it has."""
     payload = {
         "format": "dtmem-dt-1",
         "config": model.cfg.to_dict(),
@@ -30,6 +33,7 @@ def save_checkpoint(path, model, *, task, dataset_id, state_mean, state_std, ste
         "metrics": metrics or {},
         "provenance": provenance,
         "training_state": training_state,
+        "reference": reference,
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -86,7 +90,15 @@ def schema_problem(payload):
         return "its model weights are not a dict of tensors"
     bad = next((k for k, w in weights.items() if w.is_floating_point()
                 and not torch.isfinite(w).all()), None)
-    return bad and f"weight {bad} holds non-finite values"
+    if bad:
+        return f"weight {bad} holds non-finite values"
+    reference = payload.get("reference")
+    if reference is not None and not (
+            isinstance(reference, dict) and {"min", "max", "source"} <= set(reference)
+            and all(isinstance(reference[k], float) and math.isfinite(reference[k])
+                    for k in ("min", "max")) and reference["max"] > reference["min"]):
+        return "its reference returns are not two finite numbers, min below max"
+    return None
 
 
 def shipped_path(task_name):
@@ -106,6 +118,7 @@ class Checkpoint:
     path: Path
     sha256: str
     provenance: dict
+    reference: dict | None = None  # the training dataset's own reference returns, if any
 
     @classmethod
     def load(cls, path, device="cpu"):
@@ -115,7 +128,7 @@ class Checkpoint:
             model.load_state_dict(payload["model"])
             return cls(model.to(device).eval(), payload["state_mean"], payload["state_std"],
                        payload["task"], payload["dataset_id"], payload["steps"], Path(path),
-                       sha256(path), payload.get("provenance", {}))
+                       sha256(path), payload.get("provenance", {}), payload.get("reference"))
         except (TypeError, KeyError, RuntimeError) as e:
             raise UserError(f"checkpoint {path} has a malformed model ({type(e).__name__}); "
                             "retrain or restore it") from None
@@ -146,6 +159,14 @@ class Checkpoint:
         model = DecisionTransformer(DTConfig(*dims)).to(device).eval()
         return cls(model, torch.zeros(dims[0]), torch.ones(dims[0]), task.name, "none", 0,
                    None, "", {})
+
+    def scoring(self, task: Task) -> Task:
+        """The task as this DT's scores are normalised: against its training dataset's own
+        reference returns where the dataset has them, else the task's."""
+        if not self.reference:
+            return task
+        return replace(task, ref_min=self.reference["min"], ref_max=self.reference["max"],
+                       ref_source=self.reference["source"])
 
     def check_fits(self, task: Task):
         cfg = self.model.cfg

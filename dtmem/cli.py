@@ -5,6 +5,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from dtmem import __version__
+from dtmem.backend import BACKENDS
 from dtmem.command import (
     Parser,
     add_dataclass_flags,
@@ -32,11 +33,16 @@ def make_parser():
     data_commands.add_parser("list", help="the tasks and which datasets are present locally")
     build = data_commands.add_parser("build", help="collect a local Minari dataset")
     add_task_flags(build)
-    build.add_argument("--behavior", default="random",
-                       help="behaviour policy: random, medium, expert, or a policy .npz")
-    build.add_argument("--steps", type=flag_type("steps"), default=1_000_000, help="env steps to collect")
-    build.add_argument("--seed", type=flag_type("seed"), default=0, help="episode i is reset with seed + i")
-    build.add_argument("--envs", type=flag_type("envs"), default=16, help="envs stepped in lockstep")
+    build.add_argument("--behavior", help="behaviour policy: random, medium, expert, or a "
+                       "policy .npz (default: the task's quality, e.g. medium for hopper-medium)")
+    build.add_argument("--dataset", help="the Minari id to write (default: the task's local "
+                       "id for its own quality, else e.g. dtmem/hopper/random-v0)")
+    build.add_argument("--steps", type=flag_type("steps"), default=1_000_000,
+                       help="env steps to collect, exactly (default 1000000, as Minari's)")
+    build.add_argument("--seed", type=flag_type("seed"), default=0,
+                       help="episode i is reset with seed + i (default 0)")
+    build.add_argument("--envs", type=flag_type("envs"), default=16,
+                       help="envs stepped in lockstep (default 16)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     add_preset_flag(build, "data build", parser.preset_parsers)
 
@@ -70,6 +76,10 @@ def make_parser():
     roll.add_argument("--target-return", type=flag_type("target_return"), help="default: the task's target")
     roll.add_argument("--checkpoint", help="default: the shipped data/checkpoints/<task>.pt")
     roll.add_argument("--json", help="write a results file with provenance here")
+    roll.add_argument("--video", metavar="DIR", help="film the first episodes as MP4s in DIR "
+                      "(needs the video extra; rendering costs about 0.1-0.2 s a frame)")
+    roll.add_argument("--video-episodes", type=flag_type("episodes"), default=1,
+                      help="episodes filmed with --video (default 1)")
     roll.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_threads_flag(roll)
     add_preset_flag(roll, "rollout", parser.preset_parsers)
@@ -81,7 +91,7 @@ def make_parser():
     evo.add_argument("--out", help="run directory (state.json, log.csv, latest.pt, best.pt)")
     evo.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
     evo.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    evo.add_argument("--backend", choices=("local", "ray"), default="local",
+    evo.add_argument("--backend", choices=BACKENDS, default="local",
                      help="where a generation's jobs (tasks x shards) run: local processes "
                      '(default) or Ray (pip install "dtmem[ray]")')
     evo.add_argument("--address", help="with --backend ray: the Ray cluster to join (default: "
@@ -186,8 +196,10 @@ def cmd_data_build(args):
     from dtmem.data import build_dataset
 
     task = resolve_task(args.env, args.task)
-    dataset = build_dataset(task, args.behavior, args.steps, args.seed, args.envs, args.overwrite)
-    print(f"built {task.local_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps")
+    dataset = build_dataset(task, args.behavior, args.steps, args.seed, args.envs,
+                            args.overwrite, dataset_id=args.dataset)
+    print(f"built {dataset.spec.dataset_id}: {dataset.total_episodes} episodes, "
+          f"{dataset.total_steps} steps")
 
 
 def cmd_train(args):
@@ -239,7 +251,7 @@ def cmd_rollout(args):
         ensure_writable(args.json)
     checkpoint = Checkpoint.for_task(task, args.checkpoint, pick_device(args.device))
     cell = run_cell(checkpoint, task, spec, args.episodes, args.seed, args.slots,
-                    args.target_return)
+                    args.target_return, video=args.video and (args.video, args.video_episodes))
     summary = cell["summary"]
     lo, hi = summary["score_ci95"]
     print(f"{task.name} {args.policy}: normalised score {summary['mean_score']:.1f} "

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dtmem import __version__
 from dtmem.errors import UserError
 from dtmem.files import DISK_FULL, TMP_PREFIX, clean_stale_temporaries, git_commit
 from dtmem.limits import check_seeds, check_value
@@ -70,22 +71,59 @@ def load_local(dataset_id):
                     "with `dtmem data build --overwrite` or delete it with `minari delete`")
 
 
-def find_dataset(task: Task, download=False):
-    """The task's dataset: dtmem's local build, else Minari's remote id if present locally,
-    else (download=True) a real download from Minari's remote. Returns (dataset, id)."""
-    minari = _minari()
+def find_dataset(task: Task, download=False, dataset_id=None):
+    """A dataset for the task: `dataset_id` (any Minari id: official, combined, another
+    quality), else dtmem's local build, else Minari's remote id if present locally; a
+    missing one is downloaded with download=True. Returns (dataset, id)."""
+    build = f"dtmem data build --task {task.name}"
+    if dataset_id:
+        if is_local(dataset_id):
+            dataset = load_local(dataset_id)
+        elif download:
+            dataset = download_dataset(dataset_id, build)
+        else:
+            raise UserError(f"dataset {dataset_id} is not local; pass --download to fetch it "
+                            "from Minari's remote")
+        check_env(dataset, dataset_id, task)
+        return dataset, dataset_id
     for dataset_id in (task.local_id, task.remote_id):
         if is_local(dataset_id):
             return load_local(dataset_id), dataset_id
-    build = f"dtmem data build --task {task.name}"
     if not download:
         raise UserError(f"no dataset for {task.name} (neither {task.local_id} nor "
                         f"{task.remote_id} is local); run `{build}` or pass --download")
+    return download_dataset(task.remote_id, build), task.remote_id
+
+
+def download_dataset(dataset_id, build):
     try:
-        return minari.load_dataset(task.remote_id, download=True), task.remote_id
-    except Exception as e:  # any failure of the remote hub (network, auth, missing extra)
-        raise UserError(f"could not download {task.remote_id} ({type(e).__name__}); "
-                        f"offline, build it locally with `{build}`") from None
+        return _minari().load_dataset(dataset_id, download=True)
+    except ImportError as e:  # Minari's remote needs the huggingface_hub extra
+        raise UserError(f"downloading {dataset_id} needs Minari's hub support: pip install "
+                        f"\"dtmem[hub]\" ({e})") from None
+    except Exception as e:  # the remote's own reason: network, auth, unknown id
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise UserError(f"could not download {dataset_id}: {type(e).__name__}: {reason}; "
+                        f"offline, build a dataset locally with `{build}`") from None
+
+
+def check_env(dataset, dataset_id, task: Task):
+    """A dataset trains a DT for a task only if it was collected on the task's env (any
+    version: a DT fits a version whose spaces have the same sizes)."""
+    spec = dataset.spec.env_spec
+    if spec is not None and spec.id.split("-v")[0] != task.env_id.split("-v")[0]:
+        raise UserError(f"dataset {dataset_id} was collected on {spec.id}, not on "
+                        f"{task.env_id} ({task.name}); choose the task of its env")
+
+
+def dataset_reference(dataset, dataset_id):
+    """The dataset's own reference returns (Minari's ref_min_score, ref_max_score), or None
+    where it has none (some official MuJoCo datasets)."""
+    meta = dataset.storage.metadata
+    low, high = meta.get("ref_min_score"), meta.get("ref_max_score")
+    if low is None or high is None or not high > low:
+        return None
+    return {"min": float(low), "max": float(high), "source": f"dataset {dataset_id}"}
 
 
 @dataclass
@@ -193,9 +231,10 @@ def make_behavior(name, task: Task, observation_space, action_space):
 
 def collect_episodes(task: Task, behavior, steps, seed=0, n_envs=16, progress=True,
                      max_episodes=None):
-    """Run `behavior` in n_envs envs in lockstep until `steps` steps (or max_episodes
-    episodes) have been started; episodes already running then finish. Episode i is reset
-    with seed + i. Returns a list of dicts of arrays (observations has one row more than
+    """Run `behavior` in n_envs envs in lockstep for exactly `steps` steps, the episodes
+    still running then cut (and marked truncated), as Minari's fixed-size datasets are;
+    or, with max_episodes, until that many whole episodes. Episode i is reset with
+    seed + i. Returns a list of dicts of arrays (observations has one row more than
     actions)."""
     envs = [make_env(task) for _ in range(n_envs)]
     rng = np.random.default_rng(seed)
@@ -219,10 +258,22 @@ def collect_episodes(task: Task, behavior, steps, seed=0, n_envs=16, progress=Tr
             launch(slot)
     bar = progress_bar(total=steps if max_episodes is None else None,
                        desc=f"collect {task.name}", unit="step", show=progress)
+    def finish(slot, terminated):
+        index, observations, acts, rewards, ends = current[slot]
+        finished[index] = {
+            "observations": np.asarray(observations), "actions": np.asarray(acts),
+            "rewards": np.asarray(rewards), "terminations": np.asarray(ends),
+            "truncations": np.asarray([False] * (len(ends) - 1) + [not terminated]),
+            "seed": seed + index,
+        }
+        current[slot] = None
+
     while any(c is not None for c in current):
         active = [s for s in range(n_envs) if current[s] is not None]
         actions = behavior.act(obs[active], rng)
         for slot, action in zip(active, actions):
+            if max_episodes is None and started_steps >= steps:
+                break  # the budget is spent
             o, r, terminated, truncated, _ = envs[slot].step(action)
             index, observations, acts, rewards, ends = current[slot]
             observations.append(o)
@@ -233,15 +284,14 @@ def collect_episodes(task: Task, behavior, steps, seed=0, n_envs=16, progress=Tr
             started_steps += 1
             bar.update(1)
             if terminated or truncated:
-                finished[index] = {
-                    "observations": np.asarray(observations), "actions": np.asarray(acts),
-                    "rewards": np.asarray(rewards), "terminations": np.asarray(ends),
-                    "truncations": np.asarray([False] * (len(ends) - 1) + [not terminated]),
-                    "seed": seed + index,
-                }
-                current[slot] = None
+                finish(slot, terminated)
                 if more():
                     launch(slot)
+        if max_episodes is None and started_steps >= steps:
+            for slot in range(n_envs):  # cut what still runs; drop what has not stepped
+                if current[slot] is not None and current[slot][2]:
+                    finish(slot, terminated=False)
+                current[slot] = None
     bar.close()
     return [finished[i] for i in sorted(finished)]
 
@@ -254,17 +304,28 @@ def mean_return(task: Task, behavior, episodes=100, seed=0, n_envs=16):
     return float(returns.mean()), float(returns.std())
 
 
-def build_dataset(task: Task, behavior_name, steps, seed=0, n_envs=16, overwrite=False,
-                  progress=True):
-    """Collect episodes with a behaviour policy and write them as the Minari dataset
-    task.local_id. Returns the dataset."""
+def default_dataset_id(task: Task, behavior_name):
+    """The id a build writes: the task's local id when the behaviour is the task's own
+    quality, else one that says what the data holds (dtmem/hopper/random-v0)."""
+    if behavior_name == task.quality:
+        return task.local_id
+    namespace = task.local_id.rsplit("/", 1)[0]
+    return f"{namespace}/{Path(behavior_name).stem}-v0"
+
+
+def build_dataset(task: Task, behavior_name=None, steps=1_000_000, seed=0, n_envs=16,
+                  overwrite=False, progress=True, dataset_id=None):
+    """Collect episodes with a behaviour policy (default: the one of the task's quality)
+    and write them as a Minari dataset (default id: default_dataset_id). Returns it."""
+    behavior_name = behavior_name or task.quality
+    dataset_id = dataset_id or default_dataset_id(task, behavior_name)
     minari = _minari()
     for name, value in (("steps", steps), ("envs", n_envs)):
         check_value(name, value)
     check_seeds(seed, steps)  # at most one episode per step
-    if is_local(task.local_id) and not overwrite:
-        problem = dataset_problem(task.local_id)
-        raise UserError(f"dataset {task.local_id} already exists"
+    if is_local(dataset_id) and not overwrite:
+        problem = dataset_problem(dataset_id)
+        raise UserError(f"dataset {dataset_id} already exists"
                         + (f" but is incomplete or corrupt ({problem})" if problem else "")
                         + "; pass --overwrite to rebuild it")
     env = make_env(task)
@@ -272,20 +333,35 @@ def build_dataset(task: Task, behavior_name, steps, seed=0, n_envs=16, overwrite
     episodes = collect_episodes(task, behavior, steps, seed, n_envs, progress)
     from minari.data_collector import EpisodeBuffer
 
-    buffers = [EpisodeBuffer(id=i, **ep) for i, ep in enumerate(episodes)]
-    description = (f"dtmem local build: {len(buffers)} episodes of {task.env_id}, behaviour "
-                   f"policy {behavior_name!r}, {steps} steps requested, {n_envs} envs in "
-                   f"lockstep, episode i reset with seed {seed} + i. Reference returns: "
-                   f"{task.ref_source} ({task.ref_min}, {task.ref_max}).")
+    # infos as Minari's own collector writes them (an empty dict), so episodes print.
+    buffers = [EpisodeBuffer(id=i, infos={}, **ep) for i, ep in enumerate(episodes)]
+    description = (f"dtmem local build: {len(buffers)} episodes ({steps} steps) of "
+                   f"{task.env_id} by the behaviour policy {behavior_name!r}, {n_envs} envs "
+                   f"in lockstep, episode i reset with seed {seed} + i; the episodes running "
+                   f"when the step budget ran out are cut and marked truncated. Reference "
+                   f"returns: {task.ref_source} ({task.ref_min}, {task.ref_max}). Built by "
+                   f"dtmem {__version__} at commit {git_commit()}; there is no public code "
+                   "permalink and no contact e-mail for a local build.")
+    import gymnasium
+    import mujoco
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Minari nags about author e-mail
-        with staged_dataset(task.local_id):
+        with staged_dataset(dataset_id):
             minari.create_dataset_from_buffers(
-                task.local_id, buffers, env=env, eval_env=task.env_id,
-                algorithm_name=f"dtmem-{behavior_name}", author="dtmem",
-                code_permalink=f"dtmem commit {git_commit()}", description=description,
-                ref_min_score=task.ref_min, ref_max_score=task.ref_max)
-    return load_local(task.local_id)
+                dataset_id, buffers, env=env, eval_env=task.env_id,
+                algorithm_name=behavior_algorithm(behavior_name), author="dtmem",
+                author_email=None, code_permalink=None, description=description,
+                ref_min_score=task.ref_min, ref_max_score=task.ref_max,
+                requirements=[f"mujoco>={mujoco.__version__}",
+                              f"gymnasium>={gymnasium.__version__}"])
+    return load_local(dataset_id)
+
+
+def behavior_algorithm(name):
+    """Minari's algorithm_name of a behaviour policy: uniform random actions, or one of
+    dtmem's Stable-Baselines3 PPO policies (data/policies/, or a policy .npz)."""
+    return "random" if name == "random" else "sb3/PPO"
 
 
 @contextmanager

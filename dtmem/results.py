@@ -21,6 +21,7 @@ from dtmem.memory import PolicySpec, cell_name_of
 from dtmem.rollout import rollout
 from dtmem.stats import bootstrap_ci
 from dtmem.tasks import ROOT, Task, all_tasks
+from dtmem.video import VideoRecorder
 
 # Env seed blocks of the table. Development: the only block any choice may look at
 # (budgets, n_up, recipes, which NAMM ships). Confirmation: run once the choices are
@@ -51,12 +52,16 @@ def build_policy(spec: PolicySpec, checkpoint: Checkpoint, task: Task):
 
 
 def run_cell(checkpoint: Checkpoint, task: Task, spec: PolicySpec, episodes, seed=0,
-             slots=None, target_return=None, progress=True):
-    """One cell: episodes seed .. seed + episodes - 1 under the policy of `spec`."""
+             slots=None, target_return=None, progress=True, video=None):
+    """One cell: episodes seed .. seed + episodes - 1 under the policy of `spec`; video:
+    (folder, episodes) to film the first episodes."""
+    task = checkpoint.scoring(task)
     policy = build_policy(spec, checkpoint, task)
+    recorder = video and VideoRecorder(video[0], f"{task.name}-{spec.cell_name}", video[1])
     begin = time.perf_counter()
     results, _ = rollout(checkpoint.model, checkpoint.state_mean, checkpoint.state_std, task,
-                         policy, episodes, slots, seed, target_return, progress=progress)
+                         policy, episodes, slots, seed, target_return, progress=progress,
+                         video=recorder)
     wall = time.perf_counter() - begin
     return {"task": task.name, "policy": spec.name, "label": spec.label, **policy.describe(),
             **checkpoint.record(),

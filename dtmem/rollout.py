@@ -17,6 +17,7 @@ from dtmem.memory import MemoryPolicy
 from dtmem.model import DecisionTransformer
 from dtmem.runtime import progress_bar
 from dtmem.tasks import Task, make_env
+from dtmem.video import FRAME_SIZE
 
 
 @dataclass
@@ -97,9 +98,10 @@ class RecomputeDecoder:
 
 def rollout(model: DecisionTransformer, state_mean, state_std, task: Task,
             policy: MemoryPolicy, episodes=10, slots=None, seed=0, target_return=None,
-            progress=False, seeds=None):
+            progress=False, seeds=None, video=None):
     """Run `episodes` episodes under memory `policy` in min(slots, episodes) slots.
-    seeds: env seed of each episode (default seed + i).
+    seeds: env seed of each episode (default seed + i). video: a VideoRecorder for the
+    first episodes (dtmem/video.py).
     Returns (list of EpisodeResult in episode order, number of env steps taken)."""
     device = next(model.parameters()).device
     cfg = model.cfg
@@ -119,7 +121,7 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task,
     target = task.target_return if target_return is None else target_return
     mean = torch.as_tensor(state_mean, dtype=torch.float32, device=device)
     std = torch.as_tensor(state_std, dtype=torch.float32, device=device)
-    envs = [make_env(task) for _ in range(E)]
+    envs = [make_env(task, video and FRAME_SIZE) for _ in range(E)]
     low, high = envs[0].action_space.low, envs[0].action_space.high
     decoder = (CachedDecoder(model, policy, E, device) if policy.uses_cache
                else RecomputeDecoder(model, E, T, device))
@@ -140,6 +142,8 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task,
     def start(slot):
         nonlocal next_episode
         obs[slot], _ = envs[slot].reset(seed=episode_seed(next_episode))
+        if video:
+            video.capture(next_episode, envs[slot])
         episode[slot] = next_episode
         next_episode += 1
         t[slot], rtg[slot], ret[slot] = 0, target / task.return_scale, 0.0
@@ -168,6 +172,8 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task,
                 env_steps += 1
                 ret[slot] += reward
                 rtg[slot] -= reward / task.return_scale
+                if video:
+                    video.capture(int(episode[slot]), envs[slot])
                 if terminated or truncated:
                     finished.append(slot)
             prev_action.copy_(actions)
@@ -183,6 +189,8 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task,
                     layer_mean_tokens=(token_sum[slot] / length).round(2).tolist(),
                     layer_max_tokens=token_max[slot].astype(int).tolist())
                 bar.update(1)
+                if video:
+                    video.finish(i, results[i], envs[slot])
                 decoder.reset(torch.tensor([slot], device=device))
                 if next_episode < episodes:
                     start(slot)

@@ -141,9 +141,12 @@ def _mujoco_warning(message):
         warnings.warn(f"MuJoCo: {message}", stacklevel=2)
 
 
-def make_env(task: Task):
+def make_env(task: Task, frame_size=None):
+    """The task's Gymnasium env; with frame_size, rendering RGB frames of that size."""
     import gymnasium as gym
     import mujoco
 
     mujoco.set_mju_user_warning(_mujoco_warning)
-    return gym.make(task.env_id, max_episode_steps=task.max_episode_steps)
+    render = {"render_mode": "rgb_array", "width": frame_size, "height": frame_size}
+    return gym.make(task.env_id, max_episode_steps=task.max_episode_steps,
+                    **(render if frame_size else {}))

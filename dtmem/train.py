@@ -1,13 +1,14 @@
 """Training a Decision Transformer on a Minari dataset, with periodic evaluation."""
 
+import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from dtmem.checkpoints import read_checkpoint, save_checkpoint
-from dtmem.data import Episodes, WindowSampler, find_dataset
+from dtmem.data import Episodes, WindowSampler, dataset_reference, find_dataset
 from dtmem.errors import Interrupted, UserError
 from dtmem.files import provenance
 from dtmem.limits import check, check_memory
@@ -51,6 +52,8 @@ class TrainConfig:
     """bfloat16 autocast (CPU or CUDA): about 25% faster per step on our CPUs"""
     seed: int = 0
     """seeds torch and the window sampler"""
+    dataset: str = ""
+    """any Minari dataset id to train on (default: the task's own, its local build first)"""
     eval_every: int = 1000
     """updates between evaluations (0: only at the end)"""
     eval_episodes: int = 10
@@ -59,6 +62,31 @@ class TrainConfig:
     """memory policy of the evaluations"""
     checkpoint_every: int = 500
     """updates between checkpoint saves"""
+
+
+LOG_EVERY = 10  # updates between lines of the training log
+
+
+def log_path(checkpoint):
+    """The training log beside a checkpoint: runs/dt/x.pt -> runs/dt/x-log.jsonl."""
+    return Path(checkpoint).with_name(Path(checkpoint).stem + "-log.jsonl")
+
+
+class TrainingLog:
+    """JSON lines beside the checkpoint: the loss and learning rate every LOG_EVERY updates,
+    each evaluation's score with its CI. A resumed run first drops the lines written after
+    the checkpoint it resumes from, so the log reads as one uninterrupted run."""
+
+    def __init__(self, path, after_step):
+        self.path = Path(path)
+        lines = self.path.read_text().splitlines() if after_step and self.path.exists() else []
+        kept = [line for line in lines if json.loads(line)["step"] <= after_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, progress=True):
@@ -76,7 +104,11 @@ def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, pr
     task = resolve_task(task=cfg.task)
     eval_spec = PolicySpec(cfg.eval_policy)
     eval_spec.build(cfg.context_steps, 3 * task.max_episode_steps)  # a bad one fails now
-    dataset, dataset_id = find_dataset(task, download)
+    dataset, dataset_id = find_dataset(task, download, cfg.dataset)
+    reference = dataset_reference(dataset, dataset_id)
+    if reference:  # scores against the dataset's own references, where it has them
+        task = replace(task, ref_min=reference["min"], ref_max=reference["max"],
+                       ref_source=reference["source"])
     episodes = Episodes.from_minari(dataset)
     state_mean, state_std = episodes.state_stats()
     sampler = WindowSampler(episodes, cfg.context_steps, task.return_scale, state_mean,
@@ -105,6 +137,8 @@ def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, pr
         sampler.rng.bit_generator.state = state["sampler_rng"]
         step, history, wall = saved["steps"], saved["metrics"]["history"], state["wall"]
 
+    log = TrainingLog(log_path(out), after_step=step)
+
     def save():
         save_checkpoint(
             out, model, task=task.name, dataset_id=dataset_id, state_mean=state_mean,
@@ -114,7 +148,8 @@ def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, pr
             metrics={"history": history},
             training_state={"config": asdict(cfg), "optimizer": optimizer.state_dict(),
                             "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
-                            "sampler_rng": sampler.rng.bit_generator.state, "wall": wall})
+                            "sampler_rng": sampler.rng.bit_generator.state, "wall": wall},
+            reference=reference)
 
     def evaluate():
         model.eval()
@@ -125,6 +160,9 @@ def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, pr
         summary = summarize(results)
         history.append({"step": step, "score": summary["mean_score"],
                         "return": summary["mean_return"], "wall": round(wall, 1)})
+        log.write({"step": step, "score": summary["mean_score"],
+                   "score_ci95": summary["score_ci95"], "return": summary["mean_return"],
+                   "episodes": cfg.eval_episodes, "policy": cfg.eval_policy})
         return summary
 
     model.train()
@@ -154,6 +192,9 @@ def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, pr
             wall += time.perf_counter() - begin
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % LOG_EVERY == 0 or step == cfg.steps:
+                log.write({"step": step, "loss": loss.item(),
+                           "lr": schedule.get_last_lr()[0], "wall": round(wall, 2)})
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 bar.write(f"step {step}: normalised score {evaluate()['mean_score']:.1f}")
             if step % cfg.checkpoint_every == 0:

@@ -17,13 +17,13 @@ import argparse
 import sys
 from dataclasses import fields
 
+from dtmem.backend import BACKENDS, make_backend
 from dtmem.command import (
     add_dataclass_flags,
     add_preset_flag,
     parse_with_preset,
     run_reporting_errors,
 )
-from dtmem.backend import make_backend
 from dtmem.experiment import ExperimentConfig, report, run
 from dtmem.limits import flag_type
 from dtmem.tasks import ROOT
@@ -38,7 +38,7 @@ def main(argv=None):
     parser.add_argument("--report-only", action="store_true",
                         help="skip the rollouts; report the cells already present")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
-    parser.add_argument("--backend", choices=("local", "ray"), default="local",
+    parser.add_argument("--backend", choices=BACKENDS, default="local",
                         help="where the cells run: local processes (default) or Ray "
                         '(pip install "dtmem[ray]"); the cells are the same')
     parser.add_argument("--address", help="with --backend ray: the Ray cluster to join "

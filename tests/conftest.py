@@ -24,7 +24,7 @@ def hopper_dataset(minari_root):
     from dtmem.tasks import resolve_task
 
     task = resolve_task("hopper")
-    return build_dataset(task, "random", steps=3000, seed=0, n_envs=8, progress=False)
+    return build_dataset(task, "medium", steps=3000, seed=0, n_envs=8, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -93,6 +93,16 @@ def test_interrupted_training_resumes_to_the_same_weights(hopper_dataset, tmp_pa
     assert a["steps"] == b["steps"] == 12
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    # The training log beside each checkpoint reads as one run: loss every 10 updates and
+    # at the end, then the final evaluation with its CI.
+    from dtmem.train import log_path
+
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "wall"}
+             for line in log_path(tmp_path / n).read_text().splitlines()]
+            for n in ("straight.pt", "resumed.pt")]
+    assert logs[0] == logs[1]
+    assert [row["step"] for row in logs[0]] == [10, 12, 12]
+    assert "loss" in logs[0][0] and "lr" in logs[0][0] and len(logs[0][2]["score_ci95"]) == 2
 
 
 def test_console_script_exit_code_and_single_line(tmp_path):
@@ -211,3 +221,20 @@ def test_preset_sets_defaults_and_explicit_flags_win():
                              parser.preset_parsers)
     assert args.steps == 7 and args.n_embd == PRESETS["lab"]["train"]["n_embd"]
     assert main(["train", "--preset", "nope"]) == 2
+
+
+def test_rollout_films_its_first_episodes(capsys, tmp_path, checkpoint):
+    import imageio.v2 as imageio
+
+    assert main(["rollout", "--policy", "window", "--episodes", "3", "--checkpoint",
+                 str(checkpoint), "--video", str(tmp_path / "videos"), "--video-episodes", "2",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    cell = json.loads((tmp_path / "r.json").read_text())
+    videos = sorted((tmp_path / "videos").glob("*.mp4"))
+    assert len(videos) == 2
+    for episode, path in zip(cell["episodes"], videos):
+        assert path.name == (f"hopper-medium-window-episode{episode['episode']}-seed"
+                             f"{episode['seed']}-score{episode['score']:.1f}-tokens"
+                             f"{episode['mean_tokens']:.0f}.mp4")
+        # One frame after the reset and one after every step.
+        assert imageio.get_reader(path).count_frames() == episode["length"] + 1

@@ -8,11 +8,15 @@ def test_dataset_is_real_minari_with_references(hopper_dataset):
     task = resolve_task("hopper")
     dataset, dataset_id = find_dataset(task)
     assert dataset_id == task.local_id
-    assert dataset.total_steps >= 3000
+    assert dataset.total_steps == 3000  # exactly the steps asked for
     meta = dataset.storage.metadata
     assert meta["ref_min_score"] == task.ref_min and meta["ref_max_score"] == task.ref_max
+    assert meta["algorithm_name"] == "sb3/PPO" and meta["requirements"]
     episode = next(dataset.iterate_episodes())
     assert len(episode.observations) == len(episode.actions) + 1  # Minari's N + 1
+    assert episode.infos == {} and "EpisodeData" in str(episode)  # prints, as Minari's do
+    last = list(dataset.iterate_episodes())[-1]
+    assert last.truncations[-1]  # the episode the step budget cut
 
 
 def test_episodes_drop_the_final_observation_and_compute_returns_to_go(hopper_dataset):
@@ -63,3 +67,39 @@ def test_same_seed_same_data():
     for a, b in zip(*runs):
         assert a["seed"] == b["seed"] and np.array_equal(a["observations"], b["observations"])
         assert a["truncations"][-1] or a["terminations"][-1]
+
+
+def test_training_on_any_minari_id_scores_against_that_datasets_references(
+        capsys, tmp_path, monkeypatch, hopper_dataset):
+    import json
+
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    from dtmem.behavior import RandomPolicy
+    from dtmem.cli import main
+    from dtmem.tasks import make_env
+
+    task = resolve_task("hopper")
+    env = make_env(task)
+    policy = RandomPolicy(env.action_space.low, env.action_space.high)
+    episodes = collect_episodes(task, policy, 400, seed=5, n_envs=2, progress=False)
+    minari.create_dataset_from_buffers(  # an official-layout id, its own references
+        "mujoco/hopper/simple-v0", [EpisodeBuffer(id=i, **e) for i, e in enumerate(episodes)],
+        env=env, ref_min_score=0.0, ref_max_score=1000.0, algorithm_name="test")
+    out = tmp_path / "dt.pt"
+    assert main(["train", "--task", "hopper-medium", "--dataset", "mujoco/hopper/simple-v0",
+                 "--steps", "3", "--n-layer", "1", "--n-embd", "16", "--eval-every", "0",
+                 "--eval-episodes", "1", "--warmup-steps", "1", "--out", str(out)]) == 0
+    assert main(["rollout", "--checkpoint", str(out), "--episodes", "2",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    cell = json.loads((tmp_path / "r.json").read_text())
+    assert cell["dataset_id"] == "mujoco/hopper/simple-v0"
+    assert cell["reference"] == {"min": 0.0, "max": 1000.0,
+                                 "source": "dataset mujoco/hopper/simple-v0"}
+    assert all(abs(e["score"] - e["ret"] / 10) < 1e-9 for e in cell["episodes"])
+    capsys.readouterr()
+    assert main(["train", "--task", "walker2d-medium", "--dataset", "mujoco/hopper/simple-v0",
+                 "--steps", "1", "--out", str(tmp_path / "w.pt")]) == 2
+    assert "collected on Hopper-v5, not on Walker2d-v5" in capsys.readouterr().err
+    minari.delete_dataset("mujoco/hopper/simple-v0")

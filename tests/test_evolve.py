@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dtmem import checkpoints, evolve
+from dtmem.backend import LocalBackend
 from dtmem.cli import main
 from dtmem.errors import UserError
 
@@ -93,13 +94,33 @@ def test_parallel_workers_give_the_same_fitness(shipped, tmp_path):
     cfg = tiny(stages=[["hopper-medium", "hopper-expert"]])
     members = np.random.default_rng(0).normal(0, 0.065, size=(3, 4172))
     serial = evolve.Evolution(cfg, tmp_path / "e")
-    parallel = evolve.Evolution(cfg, tmp_path / "f", workers=2)
-    for run in (serial, parallel):
-        run.collect_stats()
-    assert all(torch.equal(a, b) for a, b in zip(serial.stats[:2], parallel.stats[:2]))
-    a = serial.evaluate(members, cfg.stages[0], 1, seed=3)[0]
-    b = parallel.evaluate(members, cfg.stages[0], 1, seed=3)[0]
+    with LocalBackend(2) as backend:
+        parallel = evolve.Evolution(cfg, tmp_path / "f", backend=backend)
+        for run in (serial, parallel):
+            run.collect_stats()
+        assert all(torch.equal(a, b) for a, b in zip(serial.stats[:2], parallel.stats[:2]))
+        a = serial.evaluate(members, cfg.stages[0], 1, seed=3)[0]
+        b = parallel.evaluate(members, cfg.stages[0], 1, seed=3)[0]
     assert np.array_equal(a, b)
+
+
+def test_one_shard_is_one_rollout_per_task_and_old_state_files_resume(shipped, tmp_path):
+    # shards=1, the default and what a state.json from before shards means, scores
+    # exactly as one batched rollout of the whole population per task did.
+    run = evolve.Evolution(tiny(generations=1), tmp_path / "h")
+    run.run(progress=False)
+    candidates = np.array(evolve.Evolution(tiny(), None).es.ask())
+    scores, _, _ = evolve._evaluate_task(*run.models["hopper-medium"], run.policy_name, 16,
+                                         run.stats, candidates, 1, run.generation_seed(0))
+    assert run.history[0]["fitness"] == np.mean([scores.mean(1)], axis=0).tolist()
+    path = tmp_path / "h" / "state.json"
+    state = json.loads(path.read_text())
+    del state["config"]["shards"]
+    path.write_text(json.dumps(state))
+    resumed = evolve.Evolution.resume(tmp_path / "h")
+    assert resumed.cfg.shards == 1 and np.array_equal(resumed.es.mean, run.es.mean)
+    with pytest.raises(UserError, match="--shards must be an integer from 1 to the population"):
+        evolve.Evolution(tiny(shards=5), None)
 
 
 def test_step_size_is_adapted_by_csa_as_published(shipped, tmp_path):

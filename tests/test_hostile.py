@@ -159,7 +159,7 @@ def own_minari_root(tmp_path, monkeypatch):
     from dtmem.tasks import resolve_task
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
-    build_dataset(resolve_task("hopper"), "random", 300, 0, 2, progress=False)
+    build_dataset(resolve_task("hopper"), "medium", 300, 0, 2, progress=False)
     return tmp_path / "minari" / "dtmem" / "hopper" / "medium-v0" / "data"
 
 
