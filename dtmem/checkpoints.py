@@ -2,10 +2,9 @@
 and `Checkpoint`, the one way a DT travels through dtmem: model, state normaliser, the
 task and dataset it was trained on, and the file's hash."""
 
+import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-
-import math
 
 import torch
 

@@ -1,174 +1,37 @@
 """The `dtmem` command. Thin: it parses flags and calls the library."""
 
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from dtmem import __version__
-from dtmem.backend import BACKENDS
+from dtmem.cli_flags import make_parser
 from dtmem.command import (
-    Parser,
-    add_dataclass_flags,
-    add_preset_flag,
-    add_task_flags,
-    add_threads_flag,
     parse_with_preset,
     run_reporting_errors,
 )
 from dtmem.errors import UserError
-from dtmem.limits import flag_type
 from dtmem.tasks import all_tasks, resolve_task
 
 
-def make_parser():
-    from dtmem.train import TrainConfig
+def cmd_list(args):
+    from dtmem.checkpoints import shipped_path
+    from dtmem.memory import POLICIES, policy_names
+    from dtmem.memory.namm.io import shipped_file
 
-    parser = Parser(prog="dtmem", description="Memory policies for Decision Transformers.")
-    parser.add_argument("--version", action="version", version=f"dtmem {__version__}")
-    parser.preset_parsers = {}
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    data = commands.add_parser("data", help="list or build Minari datasets")
-    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
-    data_commands.add_parser("list", help="the tasks and which datasets are present locally")
-    build = data_commands.add_parser("build", help="collect a local Minari dataset")
-    add_task_flags(build)
-    build.add_argument("--behavior", help="behaviour policy: random, medium, expert, or a "
-                       "policy .npz (default: the task's quality, e.g. medium for hopper-medium)")
-    build.add_argument("--dataset", help="the Minari id to write (default: the task's local "
-                       "id for its own quality, else e.g. dtmem/hopper/random-v0)")
-    build.add_argument("--steps", type=flag_type("steps"), default=1_000_000,
-                       help="env steps to collect, exactly (default 1000000, as Minari's)")
-    build.add_argument("--seed", type=flag_type("seed"), default=0,
-                       help="episode i is reset with seed + i (default 0)")
-    build.add_argument("--envs", type=flag_type("envs"), default=16,
-                       help="envs stepped in lockstep (default 16)")
-    build.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    add_preset_flag(build, "data build", parser.preset_parsers)
-
-    train = commands.add_parser("train", help="train a Decision Transformer")
-    add_task_flags(train)
-    add_dataclass_flags(train, TrainConfig, skip=("task",))
-    train.add_argument("--out", help="checkpoint path (default runs/dt/<task>.pt)")
-    train.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")
-    train.add_argument("--overwrite", action="store_true", help="replace the checkpoint at --out")
-    train.add_argument("--download", action="store_true", help="download a missing dataset")
-    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    add_preset_flag(train, "train", parser.preset_parsers)
-
-    roll = commands.add_parser("rollout", help="run a trained DT with a memory policy")
-    add_task_flags(roll)
-    roll.add_argument("--policy", default="recompute", help="memory policy (default recompute)")
-    roll.add_argument("--policy-file", help="a Python file that registers more policies "
-                      "(see docs/lab/recent_states.py)")
-    roll.add_argument("--budget", type=flag_type("budget"), help="tokens kept per layer (policies with a budget; "
-                      "default 3K = 60)")
-    roll.add_argument("--ratio", type=flag_type("ratio"), help="or: fraction of the episode's tokens kept")
-    roll.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                      help="a policy setting, e.g. --set pyramid=0.5 or --set sinks=8 "
-                      "(repeatable; an unknown name lists the policy's settings)")
-    roll.add_argument("--namm", help="NAMM file for --policy namm/namm-mlp (default: the "
-                      "shipped data/namm/default.pt)")
-    roll.add_argument("--episodes", type=flag_type("episodes"), default=20,
-                      help="episodes to run (default 20)")
-    roll.add_argument("--slots", type=flag_type("slots"), help="episodes run in lockstep (default all)")
-    roll.add_argument("--seed", type=flag_type("seed"), default=0, help="episode i is reset with seed + i")
-    roll.add_argument("--target-return", type=flag_type("target_return"), help="default: the task's target")
-    roll.add_argument("--checkpoint", help="default: the shipped data/checkpoints/<task>.pt")
-    roll.add_argument("--json", help="write a results file with provenance here")
-    roll.add_argument("--video", metavar="DIR", help="film the first episodes as MP4s in DIR "
-                      "(needs the video extra; rendering costs about 0.1-0.2 s a frame)")
-    roll.add_argument("--video-episodes", type=flag_type("episodes"), default=1,
-                      help="episodes filmed with --video (default 1)")
-    roll.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    add_threads_flag(roll)
-    add_preset_flag(roll, "rollout", parser.preset_parsers)
-
-    evo = commands.add_parser("evolve", help="evolve a NAMM with CMA-ES (also scripts/evolve.py)")
-    evo.add_argument("--tasks", help="comma-separated tasks of the first stage")
-    evo.add_argument("--then", action="append", default=[],
-                     help="tasks of a further incremental stage (repeatable)")
-    evo.add_argument("--out", help="run directory (state.json, log.csv, latest.pt, best.pt)")
-    evo.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
-    evo.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    evo.add_argument("--backend", choices=BACKENDS, default="local",
-                     help="where a generation's jobs (tasks x shards) run: local processes "
-                     '(default) or Ray (pip install "dtmem[ray]")')
-    evo.add_argument("--address", help="with --backend ray: the Ray cluster to join (default: "
-                     "start a local Ray)")
-    evo.add_argument("--workers", type=flag_type("workers"),
-                     help="jobs run at once (default 1; with --backend ray, every CPU); the "
-                     "numbers do not depend on it")
-    add_threads_flag(evo)
-    from dtmem.evolve import EvolveConfig
-    add_dataclass_flags(evo, EvolveConfig, skip=("stages",))
-    add_preset_flag(evo, "evolve", parser.preset_parsers)
-
-    rep = commands.add_parser("report", help="the table of return gains from results files")
-    rep.add_argument("--results", default="results/cells",
-                     help="development block: rollout results files (one per task and policy)")
-    rep.add_argument("--confirm", help="confirmation block: its cells replace the "
-                     "development ones (default: confirm/ beside --results, if present)")
-    rep.add_argument("--out", help="also write report.{json,csv,md} here (default: print only)")
-    rep.add_argument("--episodes", type=flag_type("episodes"), default=50, help="episodes every cell needs")
-    rep.add_argument("--any-checkpoint", action="store_true",
-                     help="accept cells from checkpoints other than the shipped ones")
-    add_preset_flag(rep, "report", parser.preset_parsers)
-
-    namm_cmd = commands.add_parser("namm", help="NAMM files")
-    namm_commands = namm_cmd.add_subparsers(dest="namm_command", required=True,
-                                            parser_class=Parser)
-    imp = namm_commands.add_parser("import", help="import a checkpoint of the original NAMM code")
-    imp.add_argument("checkpoint", help="its torch file (CMA-ES state and normaliser buffers)")
-    imp.add_argument("--out", required=True, help="the dtmem NAMM file to write")
-    imp.add_argument("--n-up", type=flag_type("n_up"), default=512,
-                     help="tokens between updates (the LLM run used 512)")
-    ship = namm_commands.add_parser("ship", help="ship a finished evolution run in data/namm/")
-    ship.add_argument("run", help="the run directory of `dtmem evolve --out`")
-    ship.add_argument("--as", dest="name", required=True,
-                      help="the NAMM's name: default, default-mlp, or the task it was evolved on")
-    ins = namm_commands.add_parser("inspect", help="which tokens a NAMM keeps over an episode")
-    ins.add_argument("namm", nargs="?", help="NAMM file (default: the shipped one)")
-    add_task_flags(ins)
-    ins.add_argument("--checkpoint", help="default: the shipped data/checkpoints/<task>.pt")
-    ins.add_argument("--seed", type=flag_type("seed"), default=0, help="env seed of the episode")
-    ins.add_argument("--out", help="also draw namm-kept-<task>.png here (needs matplotlib)")
-
-    hf = commands.add_parser("hf", help="Hugging Face transformers Decision Transformers")
-    hf_commands = hf.add_subparsers(dest="hf_command", required=True, parser_class=Parser)
-    hf_in = hf_commands.add_parser("import", help="a DecisionTransformerModel directory -> a "
-                                   "dtmem checkpoint")
-    hf_in.add_argument("directory", help="config.json plus model.safetensors or "
-                       "pytorch_model.bin (nothing from it runs)")
-    hf_in.add_argument("--task", required=True, help="the task it acts in, e.g. hopper-medium")
-    hf_in.add_argument("--out", required=True, help="the dtmem checkpoint to write (must not "
-                       "exist)")
-    hf_in.add_argument("--state-stats", metavar="FILE", help='JSON {"state_mean": [...], '
-                       '"state_std": [...]} (or .npz of those arrays): the state normaliser it '
-                       "was trained with (default: the directory's dtmem.json, else mean 0, "
-                       "std 1, with a warning)")
-    hf_in.add_argument("--context-steps", type=flag_type("context_steps"),
-                       help="K, the window it was trained on (default: the directory's "
-                       "dtmem.json, else 20)")
-    hf_out = hf_commands.add_parser("export", help="a dtmem checkpoint -> a "
-                                    "DecisionTransformerModel directory")
-    hf_out.add_argument("checkpoint", help="the dtmem checkpoint")
-    hf_out.add_argument("--out", required=True, help="the directory to write (must not exist)")
-
-    bench = commands.add_parser("bench", help="throughput benchmarks")
-    bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
-    for name, help_text in (("rollout", "rollout speed vs recompute and env stepping"),
-                            ("memory", "each memory policy's rollout time vs the full cache"),
-                            ("evolve", "one generation on 1 and 2 workers vs env stepping")):
-        bench_one = bench_commands.add_parser(name, help=help_text)
-        add_task_flags(bench_one)
-        # HalfCheetah never terminates: every episode is 1000 steps, whatever the checkpoint.
-        bench_one.set_defaults(env="halfcheetah")
-        bench_one.add_argument("--checkpoint", help="default: the shipped checkpoint, else an "
-                               "untrained DT of the default size")
-        bench_one.add_argument("--device", default="auto", help="auto, cpu or cuda")
-        add_threads_flag(bench_one)
-    return parser
+    rows = [("task", "gymnasium id", "shipped DT", "NAMMs (besides the zero-shot namm)")]
+    for task in all_tasks().values():
+        local = "namm-local" if shipped_file(task.name).exists() else "-"
+        rows.append((task.name, task.env_id,
+                     "yes" if shipped_path(task.name).exists() else "no", local))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    print("\npolicies (dtmem rollout --policy NAME; settings with --set NAME=VALUE):")
+    for name in policy_names():
+        doc = " ".join((POLICIES[name].__doc__ or "").split())
+        first_sentence = re.split(r"(?<! al)\. ", doc)[0].rstrip(".")
+        print(f"  {name:11} {first_sentence}")
 
 
 def cmd_data_list(args):
@@ -237,11 +100,13 @@ def cmd_rollout(args):
     from dtmem.checkpoints import Checkpoint
     from dtmem.files import ensure_writable, write_json
     from dtmem.memory import PolicySpec, load_policy_file
-    from dtmem.results import run_cell
+    from dtmem.results import explain, run_cell
     from dtmem.runtime import pick_device
 
     torch.set_num_threads(args.threads)
     task = resolve_task(args.env, args.task)
+    if args.compare:
+        PolicySpec(args.compare).policy_class  # an unknown name fails now, not after the run
     if args.policy_file:
         load_policy_file(args.policy_file)
     options = dict(policy_setting(text) for text in args.set)
@@ -252,13 +117,9 @@ def cmd_rollout(args):
     checkpoint = Checkpoint.for_task(task, args.checkpoint, pick_device(args.device))
     cell = run_cell(checkpoint, task, spec, args.episodes, args.seed, args.slots,
                     args.target_return, video=args.video and (args.video, args.video_episodes))
-    summary = cell["summary"]
-    lo, hi = summary["score_ci95"]
-    print(f"{task.name} {args.policy}: normalised score {summary['mean_score']:.1f} "
-          f"(95% CI {lo:.1f}..{hi:.1f}), return {summary['mean_return']:.1f}, length "
-          f"{summary['mean_length']:.0f}, tokens mean {summary['mean_tokens']:.0f} max "
-          f"{summary['max_tokens']} over {summary['episodes']} episodes "
-          f"(refs {task.ref_source}: {task.ref_min:g}..{task.ref_max:g})")
+    base = args.compare and run_cell(checkpoint, task, PolicySpec(args.compare), args.episodes,
+                                     args.seed, args.slots, args.target_return)
+    print(explain(cell, base or None))
     if args.json:
         write_json(args.json, cell)
         print(f"wrote {args.json}")
@@ -415,7 +276,7 @@ COMMANDS = {
     ("namm", "import"): cmd_namm_import, ("namm", "inspect"): cmd_namm_inspect,
     ("namm", "ship"): cmd_namm_ship,
     ("hf", "import"): cmd_hf_import, ("hf", "export"): cmd_hf_export,
-    ("report", None): cmd_report,
+    ("report", None): cmd_report, ("list", None): cmd_list,
 }
 
 
@@ -425,6 +286,10 @@ def main(argv=None):
         args = parse_with_preset(parser, argv, parser.preset_parsers)
     except SystemExit as e:  # argparse's own usage errors (already one line) and --help
         return e.code
+    if args.command is None:
+        print(parser.format_usage().strip() + "; `dtmem COMMAND --help` for one, `dtmem list` "
+              "for tasks and policies", file=sys.stderr)
+        return 2
     sub = getattr(args, f"{args.command}_command", None)
     return run_reporting_errors(lambda: COMMANDS[(args.command, sub)](args), "dtmem")
 

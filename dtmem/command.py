@@ -59,6 +59,19 @@ def add_threads_flag(parser):
                         help="CPU threads for torch (default 1, fastest for rollouts)")
 
 
+def add_backend_flags(parser, jobs):
+    """--backend, --address, --workers: where `jobs` run; the numbers never depend on it."""
+    from dtmem.backend import BACKENDS
+
+    parser.add_argument("--backend", choices=BACKENDS, default="local",
+                        help=f"where {jobs} run: local processes (default) or Ray "
+                        '(pip install "dtmem[ray]"); the numbers are the same')
+    parser.add_argument("--address", help="with --backend ray: the Ray cluster to join "
+                        "(default: start a local Ray)")
+    parser.add_argument("--workers", type=flag_type("workers"),
+                        help=f"{jobs} run at once (default 1; with --backend ray, every CPU)")
+
+
 def add_preset_flag(parser, command, preset_parsers):
     from dtmem.presets import PRESETS
 

@@ -48,7 +48,8 @@ def summarize(results):
 
 
 def build_policy(spec: PolicySpec, checkpoint: Checkpoint, task: Task):
-    return spec.build(checkpoint.model.cfg.context_steps, 3 * task.max_episode_steps)
+    return spec.build(checkpoint.model.cfg.context_steps, 3 * task.max_episode_steps,
+                      task.name)
 
 
 def run_cell(checkpoint: Checkpoint, task: Task, spec: PolicySpec, episodes, seed=0,
@@ -70,6 +71,44 @@ def run_cell(checkpoint: Checkpoint, task: Task, spec: PolicySpec, episodes, see
                                         "source": task.ref_source},
             "provenance": provenance(wall_seconds=round(wall, 2)),
             "summary": summarize(results), "episodes": [asdict(r) for r in results]}
+
+
+MIN_CI_EPISODES = 10  # fewer episodes give a bootstrap CI too unreliable to print
+
+REFERENCE_MEANINGS = {
+    "dtmem": "uniform random actions and dtmem's expert behaviour policy, measured by dtmem",
+    "d4rl": "D4RL's random and expert returns (older env versions: indicative only)",
+}
+
+
+def full_cache_tokens(length):
+    """Mean tokens a whole-episode cache holds at a decode step of an episode of `length`
+    steps: 3t + 2 at step t (the first step has no previous action)."""
+    return 1.5 * (length - 1) + 2
+
+
+def explain(cell, base=None):
+    """A cell in words a newcomer can read; base: the same seeds under another policy
+    (e.g. recompute), for the paired gain."""
+    s, episodes = cell["summary"], cell["episodes"]
+    n, ref = len(episodes), cell["reference"]
+    full = np.mean([full_cache_tokens(e["length"]) for e in episodes])
+    ci = (f" (95% CI {s['score_ci95'][0]:.1f}..{s['score_ci95'][1]:.1f})"
+          if n >= MIN_CI_EPISODES else f" (no CI: run {MIN_CI_EPISODES}+ episodes for one)")
+    meaning = REFERENCE_MEANINGS.get(ref["source"], f"the {ref['source']}'s own references")
+    lines = [f"{cell['task']} {cell_name(cell)}: {n} episodes, env seeds {cell['seed']}.."
+             f"{cell['seed'] + n - 1}",
+             f"  normalised score {s['mean_score']:.1f}{ci}; return {s['mean_return']:.1f}, "
+             f"episode length {s['mean_length']:.0f}",
+             f"  cached tokens per layer: mean {s['mean_tokens']:.0f} ({s['mean_tokens'] / full:.0%}"
+             f" of a whole-episode cache), max {s['max_tokens']}",
+             f"  score 0 = return {ref['min']:g}, 100 = return {ref['max']:g}: {meaning}"]
+    if base is not None:
+        gain = np.array([e["score"] for e in episodes]) - [e["score"] for e in base["episodes"]]
+        lo, hi = bootstrap_ci(gain)
+        paired = (f" (paired 95% CI {lo:+.1f}..{hi:+.1f})" if n >= MIN_CI_EPISODES else "")
+        lines.append(f"  vs {cell_name(base)} on the same seeds: gain {gain.mean():+.1f}{paired}")
+    return "\n".join(lines)
 
 
 def read_cell(path):

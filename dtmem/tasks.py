@@ -123,14 +123,21 @@ def default_tasks() -> dict[str, Task]:
 
 
 def resolve_task(env: str | None = None, task: str | None = None) -> Task:
-    """The task named by --task, else the default task of --env (hopper by default)."""
+    """The task named by --task (a task name, or its Minari dataset id, local or remote),
+    else the default task of --env (an env name or its Gymnasium id; hopper by default)."""
     if task is not None:
-        if task not in all_tasks():
-            raise UserError(f"unknown task {task!r}; valid tasks: {', '.join(all_tasks())}")
-        return all_tasks()[task]
+        by_dataset = {t.remote_id: t for t in all_tasks().values()} | {
+            t.local_id: t for t in all_tasks().values()}
+        if task not in all_tasks() and task not in by_dataset:
+            raise UserError(f"unknown task {task!r}; valid tasks: {', '.join(all_tasks())} "
+                            "(or their Minari dataset ids)")
+        return all_tasks().get(task) or by_dataset[task]
     env = env or "hopper"
+    by_gym_id = {spec.env_id: name for name, spec in all_envs().items()}
+    env = by_gym_id.get(env, env)
     if env not in default_tasks():
-        raise UserError(f"unknown env {env!r}; valid envs: {', '.join(default_tasks())}")
+        raise UserError(f"unknown env {env!r}; valid envs: {', '.join(default_tasks())} "
+                        f"(or their Gymnasium ids: {', '.join(by_gym_id)})")
     return default_tasks()[env]
 
 

@@ -17,15 +17,15 @@ import argparse
 import sys
 from dataclasses import fields
 
-from dtmem.backend import BACKENDS, make_backend
+from dtmem.backend import make_backend
 from dtmem.command import (
+    add_backend_flags,
     add_dataclass_flags,
     add_preset_flag,
     parse_with_preset,
     run_reporting_errors,
 )
 from dtmem.experiment import ExperimentConfig, report, run
-from dtmem.limits import flag_type
 from dtmem.tasks import ROOT
 
 
@@ -38,13 +38,7 @@ def main(argv=None):
     parser.add_argument("--report-only", action="store_true",
                         help="skip the rollouts; report the cells already present")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
-    parser.add_argument("--backend", choices=BACKENDS, default="local",
-                        help="where the cells run: local processes (default) or Ray "
-                        '(pip install "dtmem[ray]"); the cells are the same')
-    parser.add_argument("--address", help="with --backend ray: the Ray cluster to join "
-                        "(default: start a local Ray)")
-    parser.add_argument("--workers", type=flag_type("workers"),
-                        help="cells run at once (default 1; with --backend ray, every CPU)")
+    add_backend_flags(parser, "cells")
     parser.add_argument("--update-readme", action="store_true",
                         help="put the table into README.md (for the committed results/)")
     presets = {}

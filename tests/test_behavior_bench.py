@@ -32,7 +32,11 @@ def test_data_build_with_a_policy_file_and_a_wrong_sized_one(capsys, tmp_path, m
     tiny_policy(obs_dim=17, act_dim=6).save(tmp_path / "walker.npz")
     assert main(["data", "build", "--task", "hopper-expert", "--behavior",
                  str(tmp_path / "hopper.npz"), "--steps", "200", "--envs", "2"]) == 0
-    assert "built dtmem/hopper/expert-v0" in capsys.readouterr().out
+    assert "built dtmem/hopper/hopper-v0: " in capsys.readouterr().out  # named by its policy
+    assert main(["data", "build", "--task", "hopper-expert", "--behavior",
+                 str(tmp_path / "hopper.npz"), "--dataset", "dtmem/hopper/expert-v0",
+                 "--steps", "200", "--envs", "2"]) == 0
+    assert "built dtmem/hopper/expert-v0: 25 episodes, 200 steps" in capsys.readouterr().out
     code = main(["data", "build", "--task", "hopper-expert", "--overwrite", "--behavior",
                  str(tmp_path / "walker.npz"), "--steps", "200"])
     err = capsys.readouterr().err

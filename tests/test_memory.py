@@ -150,7 +150,7 @@ def test_pyramid_gives_lower_layers_more_of_the_same_total():
     policy.after_step(cache, torch.tensor([11]), None)
     assert kept_arrivals(cache, layer=0) == [0, 1, 2, 3, *range(25, 35)]  # 1.4 x 10
     assert kept_arrivals(cache, layer=1) == [0, 1, 2, 3, 33, 34]  # 0.6 x 10
-    assert policy.max_held() >= 14 + 3 and policy.describe()["pyramid"] == 0.4
+    assert policy.max_held() >= 14 + 3 and policy.describe()["settings"] == {"pyramid": 0.4}
     assert "pyramid" not in PolicySpec("streaming", budget=10).build(20, 3000).describe()
 
 

@@ -42,7 +42,7 @@ def test_the_wheel_runs_the_shipped_namm_from_an_empty_directory(tmp_path):
                           "hopper", "--policy", "namm", "--episodes", "1"],
                          cwd=empty, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "hopper-medium namm: normalised score" in run.stdout
+    assert "hopper-medium namm: 1 episodes" in run.stdout and "normalised score" in run.stdout
     assert not list(empty.iterdir())
 
 

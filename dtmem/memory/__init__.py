@@ -51,6 +51,8 @@ class MemoryPolicy:
     """K, the timesteps of the DT's training window"""
     max_tokens: int
     """tokens of a whole episode (3 per step)"""
+    task: str = ""
+    """the task the policy runs on (for policies whose defaults depend on it)"""
 
     def capacity(self) -> int:
         """Cache positions per slot this policy needs (compaction reclaims evicted ones)."""
@@ -78,7 +80,7 @@ class MemoryPolicy:
 
     def settings(self) -> dict:
         """The settings (dataclass fields) this policy was given away from their defaults."""
-        basic = {"context_steps", "max_tokens", "budget", "ratio"}
+        basic = {"context_steps", "max_tokens", "task", "budget", "ratio"}
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.init and f.name not in basic and f.default is not MISSING
                 and getattr(self, f.name) != f.default}
@@ -234,18 +236,21 @@ class PolicySpec:
         return cell_name_of(self.name, self.budget, self.ratio,
                             {k: v for k, v in self.options.items() if k != "namm_file"})
 
-    def build(self, context_steps, max_tokens) -> MemoryPolicy:
-        """The policy for a DT of K = context_steps on episodes of max_tokens tokens."""
+    def build(self, context_steps, max_tokens, task="") -> MemoryPolicy:
+        """The policy for a DT of K = context_steps on episodes of max_tokens tokens of
+        `task` (a name)."""
         cls = self.policy_class
         if (self.budget is not None or self.ratio is not None) and not cls.takes_budget:
             raise UserError(f"policy {self.name!r} takes no --budget or --ratio")
-        settings = {f.name for f in fields(cls) if f.init} - {"context_steps", "max_tokens"}
+        settings = {f.name for f in fields(cls) if f.init} - {"context_steps", "max_tokens",
+                                                                  "task"}
         unknown = sorted(set(self.options) - settings)
         if unknown:
             raise UserError(f"policy {self.name!r} has no setting {', '.join(unknown)}; its "
                             f"settings: {', '.join(sorted(settings)) or 'none'}")
         sizes = {"budget": self.budget, "ratio": self.ratio} if cls.takes_budget else {}
-        return cls(context_steps=context_steps, max_tokens=max_tokens, **sizes, **self.options)
+        return cls(context_steps=context_steps, max_tokens=max_tokens, task=task, **sizes,
+                   **self.options)
 
 
 def load_policy_file(path):

@@ -49,7 +49,6 @@ class NAMM(MemoryPolicy):
     name = "namm"
     scorer: ClassVar[str] = "bam"
     n_params: ClassVar[int] = SCORERS["bam"][1]
-    default_file: ClassVar[str] = "default"  # data/namm/default.pt
     needs_attention = True
     takes_budget = True
 
@@ -76,7 +75,7 @@ class NAMM(MemoryPolicy):
                             f"got {self.budget}")
         self.score_fn = SCORERS[self.scorer][0]
         if self.params is None:
-            self.namm_file = self.namm_file or shipped_file(self.default_file)
+            self.namm_file = self.namm_file or self.shipped_namm()
             self.params, self.stats, n_up, self.meta = load_namm(self.namm_file, self.scorer)
             if self.n_up not in (None, n_up):
                 raise UserError(f"{self.namm_file} was evolved with n_up {n_up}; "
@@ -91,6 +90,10 @@ class NAMM(MemoryPolicy):
                 self.stats = (torch.zeros(N_BINS), torch.ones(N_BINS), 0)
         if self.n_up <= 0 or self.n_up % HOP:
             raise UserError(f"n_up must be a positive multiple of {HOP}, got {self.n_up}")
+
+    def shipped_namm(self):
+        """The NAMM file run without --namm: the shipped zero-shot one."""
+        return shipped_file("default")
 
     def describe(self):
         if self.namm_file is None:
@@ -219,7 +222,26 @@ class NAMMMLP(NAMM):
     name = "namm-mlp"
     scorer = "mlp"
     n_params = SCORERS["mlp"][1]
-    default_file = "default-mlp"
+
+    def shipped_namm(self):
+        return shipped_file("default-mlp")
+
+
+@register
+@dataclass
+class LocalNAMM(NAMM):
+    """The NAMM evolved on the task it runs on (data/namm/<task>.pt): the table's
+    namm-local row."""
+
+    name = "namm-local"
+
+    def shipped_namm(self):
+        path = shipped_file(self.task)
+        if not self.task or not path.exists():
+            raise UserError(f"no NAMM evolved on {self.task or 'this task'} ships "
+                            f"({path.name}); run --policy namm (zero-shot) or evolve one "
+                            "with scripts/evolve.py and pass --namm")
+        return path
 
 
 def policy_for_scorer(scorer):
