@@ -200,7 +200,9 @@ def provenance(**extra):
         "command": command_line(),
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cores": os.cpu_count(), "platform": platform.platform(),
+        # Float results depend on torch's thread count (reduction order): it is recorded.
+        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform(),
                     "python": platform.python_version(), "torch": str(torch.__version__)},
         **extra,
     }

@@ -22,7 +22,8 @@ def test_every_handout_command_runs_in_miniature(tmp_path):
     lab = tmp_path / "lab"
     assert "| hopper-medium | full |" in (lab / "part1" / "report.md").read_text()
     assert (lab / "part2" / "pareto.png").exists()
-    assert "recent-states@30" in (lab / "part3" / "report.md").read_text()
+    part3 = (lab / "part3" / "report.md").read_text()
+    assert "recent-states@30" in part3 and "state-attention@30" in part3
     assert (lab / "part4" / "namm-kept-hopper-medium.png").exists()
     assert (lab / "part4" / "shipped" / "namm-kept-hopper-medium.png").exists()
     assert not (tmp_path / "docs").exists()  # the runner's links are gone

@@ -6,16 +6,20 @@ stays). Run it with
     dtmem rollout --env hopper --policy recent-states --policy-file docs/lab/recent_states.py --budget 30
 """
 
+from dataclasses import dataclass
+
 from dtmem.cache import STATE
 from dtmem.memory import ScoredPolicy, register
 
 
 @register
+@dataclass
 class RecentStates(ScoredPolicy):
     name = "recent-states"
 
     def score(self, cache, timestep, attention):
-        # Higher means keep. Every state outranks every other token (the bonus exceeds any
-        # arrival index); within a kind, newer tokens outrank older ones.
+        # One score per cached position, [L, E, C]; higher means keep. Every state outranks
+        # every other token (the bonus exceeds any arrival index); within a kind, newer
+        # tokens outrank older ones.
         is_state = (cache.kind == STATE).float()
         return cache.arrival + is_state * cache.max_arrival_bonus()
