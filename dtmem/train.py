@@ -80,13 +80,15 @@ class TrainingLog:
     def __init__(self, path, after_step):
         self.path = Path(path)
         lines = self.path.read_text().splitlines() if after_step and self.path.exists() else []
-        kept = [line for line in lines if json.loads(line)["step"] <= after_step]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        # Written at the first new line, so a run that fails before it leaves no file.
+        self.pending = [line for line in lines if json.loads(line)["step"] <= after_step]
 
     def write(self, row):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        lines = [*self.pending, json.dumps(row)] if self.pending is not None else [json.dumps(row)]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w" if self.pending is not None else "a") as f:
+            f.write("".join(line + "\n" for line in lines))
+        self.pending = None
 
 
 def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, progress=True):

@@ -327,3 +327,38 @@ def test_stale_temporaries_are_removed(capsys, tmp_path, checkpoint):
     assert main(["rollout", "--episodes", "1", "--checkpoint", str(checkpoint),
                  "--json", str(tmp_path / "r.json")]) == 0
     assert not stale.exists() and live.exists() and (tmp_path / "r.json").exists()
+
+
+# 9. A full disk ends in one line and leaves nothing behind.
+def test_a_full_disk_while_saving_a_checkpoint(capsys, tmp_path, monkeypatch, hopper_dataset):
+    import errno
+
+    save = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):
+        save(obj, path, *args, **kwargs)  # part of the file reached the disk...
+        raise OSError(errno.ENOSPC, "No space left on device")  # ...then the disk filled
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    refused(capsys, ["train", "--steps", "2", "--n-layer", "1", "--n-embd", "16",
+                     "--eval-every", "0", "--checkpoint-every", "1", "--out",
+                     tmp_path / "dt.pt"], "no space left")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_while_writing_a_dataset(capsys, tmp_path, monkeypatch):
+    import errno
+
+    import minari
+
+    from dtmem.data import is_local
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", disk_full)
+    refused(capsys, ["data", "build", "--steps", "200", "--envs", "2"], "no space left")
+    assert not is_local("dtmem/hopper/medium-v0")
+    assert not [p for p in (tmp_path / "minari").iterdir() if p.name.startswith(".dtmem-")]
