@@ -37,3 +37,18 @@ def checkpoint(hopper_dataset, tmp_path_factory):
                       eval_every=0, eval_episodes=2, checkpoint_every=10, warmup_steps=10)
     train(cfg, path, progress=False)
     return path
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch, checkpoint):
+    """A folder of shipped DTs holding the test DT as hopper-medium's, in place of
+    data/checkpoints/ (checkpoints.SHIPPED_DIR is the one place that knows it)."""
+    import shutil
+
+    from dtmem import checkpoints
+
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    shutil.copy(checkpoint, folder / "hopper-medium.pt")
+    monkeypatch.setattr(checkpoints, "SHIPPED_DIR", folder)
+    return folder

@@ -7,19 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from dtmem import checkpoints, evolve
+from dtmem import evolve
 from dtmem.backend import LocalBackend
 from dtmem.cli import main
 from dtmem.errors import UserError
-
-
-@pytest.fixture
-def shipped(tmp_path, monkeypatch, checkpoint):
-    folder = tmp_path / "shipped"
-    folder.mkdir()
-    shutil.copy(checkpoint, folder / "hopper-medium.pt")
-    monkeypatch.setattr(checkpoints, "SHIPPED_DIR", folder)
-    return folder
 
 
 def tiny(**overrides):

@@ -4,7 +4,6 @@ Ray worker dies mid-generation."""
 
 import json
 import os
-import shutil
 import signal
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 
 pytest.importorskip("ray")
 
-from dtmem import checkpoints, evolve, experiment
+from dtmem import evolve, experiment
 from dtmem.backend import LocalBackend, RayBackend
 from dtmem.memory.namm.io import save_namm
 from dtmem.memory.namm.scorers import SCORERS
@@ -26,15 +25,6 @@ evaluate_task = evolve._evaluate_task  # the real job, kept before a test replac
 def ray_backend():
     with RayBackend(workers=2) as backend:  # one Ray for the module: it takes seconds to start
         yield backend
-
-
-@pytest.fixture
-def shipped(tmp_path, monkeypatch, checkpoint):
-    folder = tmp_path / "shipped"
-    folder.mkdir()
-    shutil.copy(checkpoint, folder / "hopper-medium.pt")
-    monkeypatch.setattr(checkpoints, "SHIPPED_DIR", folder)
-    return folder
 
 
 def evolved(backend, out):
