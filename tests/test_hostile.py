@@ -362,3 +362,23 @@ def test_a_full_disk_while_writing_a_dataset(capsys, tmp_path, monkeypatch):
     refused(capsys, ["data", "build", "--steps", "200", "--envs", "2"], "no space left")
     assert not is_local("dtmem/hopper/medium-v0")
     assert not [p for p in (tmp_path / "minari").iterdir() if p.name.startswith(".dtmem-")]
+
+
+def test_training_stops_at_the_first_non_finite_loss(capsys, tmp_path, monkeypatch,
+                                                     hopper_dataset):
+    from dtmem.checkpoints import read_checkpoint
+    from dtmem.model import DecisionTransformer
+
+    forward, calls = DecisionTransformer.forward, []
+
+    def diverging(self, *args):
+        calls.append(1)
+        out = forward(self, *args)
+        return out * float("nan") if len(calls) == 3 else out
+
+    monkeypatch.setattr(DecisionTransformer, "forward", diverging)
+    refused(capsys, ["train", "--steps", "5", "--n-layer", "1", "--n-embd", "16",
+                     "--eval-every", "0", "--checkpoint-every", "2", "--out",
+                     tmp_path / "dt.pt"], "diverged at update 3")
+    saved = read_checkpoint(tmp_path / "dt.pt")  # the last save, before the divergence
+    assert saved["steps"] == 2 and all(torch.isfinite(w).all() for w in saved["model"].values())
