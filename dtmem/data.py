@@ -150,7 +150,9 @@ class Episodes:
         lengths = np.asarray(lengths, dtype=np.int64)
         for name, values in (("observations", states), ("actions", actions),
                              ("rewards", rewards)):
-            if not all(np.isfinite(np.asarray(v, dtype=np.float32)).all() for v in values):
+            with np.errstate(over="ignore"):  # beyond float32 becomes inf, caught here
+                finite = all(np.isfinite(np.asarray(v, dtype=np.float32)).all() for v in values)
+            if not finite:
                 raise UserError(f"dataset {dataset.spec.dataset_id} holds non-finite (or "
                                 f"beyond float32) {name}; a DT cannot train on them")
         return cls(np.concatenate(states).astype(np.float32),
