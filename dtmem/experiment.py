@@ -44,7 +44,7 @@ class ExperimentConfig:
     budgets: str = "matched,60"
     """heuristics' token budgets: numbers, or matched (the NAMM's mean cache size); 60 =
     20 DT steps, the DT's own context"""
-    heuristics: str = "streaming,h2o,l2,random"
+    heuristics: str = "streaming,h2o,l2,random,tova,snapkv,keydiff"
     """comma-separated budgeted policies run at the matched and the fixed budget"""
     mlp_tasks: str = "hopper-medium,halfcheetah-medium"
     """tasks that also run the shipped MLP NAMM (the paper's BAM vs MLP ablation)"""
