@@ -10,6 +10,7 @@ import torch
 
 from dtmem.errors import UserError
 from dtmem.files import atomic_path, relative_to_root, safe_load, sha256
+from dtmem.limits import check_memory
 from dtmem.model import DecisionTransformer, DTConfig
 from dtmem.tasks import Task, all_tasks, make_env, shipped
 
@@ -122,8 +123,11 @@ class Checkpoint:
     @classmethod
     def load(cls, path, device="cpu"):
         payload = read_checkpoint(path)
+        config = payload["config"]  # a config may claim a model far larger than its file
+        check_memory(4 * 12 * config["n_layer"] * config["n_embd"] ** 2,
+                     f"the model checkpoint {path} describes", "is the checkpoint damaged?")
         try:
-            model = DecisionTransformer(DTConfig(**payload["config"]))
+            model = DecisionTransformer(DTConfig(**config))
             model.load_state_dict(payload["model"])
             return cls(model.to(device).eval(), payload["state_mean"], payload["state_std"],
                        payload["task"], payload["dataset_id"], payload["steps"], Path(path),

@@ -96,6 +96,8 @@ CHECKPOINT_DAMAGE = {
     "nan weights": (lambda p: next(iter(p["model"].values())).fill_(float("nan")),
                     "non-finite"),
     "huge width": (lambda p: p["config"].update(n_embd=10**9), "n_embd"),
+    "huge model": (lambda p: p["config"].update(n_embd=4096, n_layer=48, n_head=1),
+                   "GiB but only"),
     "bad config": (lambda p: p["config"].update(n_layer="3"), "n_layer"),
     "not a config": (lambda p: p.update(config=[1, 2]), "not a DT config"),
     "weights not tensors": (lambda p: p.update(model={"a": 1}), "not a dict of tensors"),
