@@ -29,22 +29,26 @@ def pyplot():
 
 
 def pareto(rows, path):
-    """Score [95% CI] against mean cached tokens, one panel per task, one point per cell."""
+    """Score [95% CI] against mean cached tokens, one panel per task, one point per cell.
+    One colour and marker per policy, named once in a shared legend, so that the labels
+    of a task's dozen cells do not pile up on each other."""
     plt = pyplot()
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     tasks = sorted({r["task"] for r in rows})
+    policies = list(dict.fromkeys(r["cell"].split("@")[0] for r in rows))
+    style = {p: (f"C{i % 10}", "*" if p.startswith("namm") else "osD^v<>ph"[i % 9])
+             for i, p in enumerate(policies)}
     cols = min(4, len(tasks))
     n_rows = -(-len(tasks) // cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 3.6 * n_rows), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
         for r in (r for r in rows if r["task"] == task):
             lo, hi = r["score_ci95"]
-            marker = "*" if r["namm_sources"] else "o"  # the NAMMs stand out
+            color, marker = style[r["cell"].split("@")[0]]
             ax.errorbar(r["mean_tokens"], r["score"], yerr=[[r["score"] - lo], [hi - r["score"]]],
-                        fmt=marker, capsize=2, markersize=9 if marker == "*" else 5)
-            ax.annotate(r["cell"], (r["mean_tokens"], r["score"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
+                        fmt=marker, color=color, capsize=2,
+                        markersize=9 if marker == "*" else 5)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor log ticks' labels collide
@@ -53,7 +57,11 @@ def pareto(rows, path):
         ax.set_ylabel("normalised score")
     for ax in axes.flat[len(tasks):]:
         ax.axis("off")
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=color, marker=marker, linestyle="", label=policy)
+               for policy, (color, marker) in style.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7,
+               title="policy (budgets as in the table)", title_fontsize=7)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
