@@ -155,3 +155,59 @@ def bench_generation(checkpoint, task: Task, population=32, episodes=2, scorer="
         wall = time.perf_counter() - begin
     results = [r for _, shard, _ in outcomes for r in shard]
     return wall, env_floor(task, [r.length for r in results], population * episodes), results
+
+
+def training_rates(cfg, batch_size=64, updates=20, seed=0):
+    """`dtmem bench train`: updates per second of train.py's own update (train.update) for
+    each variant, side by side in one run, on random windows of the real shapes (values do
+    not change the arithmetic), after 3 warm-up updates; and the share of this CPU's
+    measured float32 matmul rate that each reaches. Rows: (variant, updates/s, GFLOP/s)."""
+    from dtmem.model import DecisionTransformer
+    from dtmem.train import update
+
+    B, K = batch_size, cfg.context_steps
+    g = torch.Generator().manual_seed(seed)
+    batch = {"rtg": torch.randn(B, K, 1, generator=g),
+             "states": torch.randn(B, K, cfg.state_dim, generator=g),
+             "actions": torch.rand(B, K, cfg.act_dim, generator=g) * 2 - 1,
+             "timesteps": torch.randint(0, cfg.max_timestep, (B, K), generator=g),
+             "mask": torch.ones(B, K)}
+    # Matmul FLOPs of one update: forward 2 x (12 d^2 weights + 2 T d attention) per token
+    # and layer, backward twice the forward.
+    T, d = 3 * K, cfg.n_embd
+    flops = 3 * 2 * cfg.n_layer * B * T * (12 * d * d + 2 * T * d)
+    rows = []
+    for name, bf16, fused in (("fp32", False, False), ("fp32, fused AdamW", False, True),
+                              ("bf16 autocast", True, False)):
+        torch.manual_seed(seed)
+        model = DecisionTransformer(cfg).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4,
+                                      fused=fused or None)
+        for _ in range(3):
+            update(model, optimizer, batch, 0.25, bf16)
+        begin = time.perf_counter()
+        for _ in range(updates):
+            update(model, optimizer, batch, 0.25, bf16)
+        rate = updates / (time.perf_counter() - begin)
+        rows.append((name, rate, rate * flops / 1e9))
+    return rows, matmul_gflops()
+
+
+def matmul_gflops(n=512, seconds=0.5):
+    """This CPU's float32 matmul rate at torch's current thread count, GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    count, begin = 0, time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        torch.mm(a, b)
+        count += 1
+    return count * 2 * n**3 / (time.perf_counter() - begin) / 1e9
+
+
+def print_training_rates(rows, peak):
+    base = rows[0][1]
+    print(f"{'variant':20} {'updates/s':>10} {'x fp32':>7} {'GFLOP/s':>8} {'of matmul peak':>15}")
+    for name, rate, gflops in rows:
+        print(f"{name:20} {rate:10.2f} {rate / base:7.2f} {gflops:8.1f} {gflops / peak:15.0%}")
+    print(f"(matmul peak: {peak:.1f} GFLOP/s, float32 512x512 at {torch.get_num_threads()} "
+          "threads; target for training: 1.5x today's fp32 at an equal final score)")

@@ -249,6 +249,9 @@ def cmd_bench(args):
     checkpoint = bench.bench_checkpoint(task, args.checkpoint, device)
     print(f"checkpoint {checkpoint.path or 'none: an untrained DT of the default size'}")
     print(f"task {task.name}, torch threads {torch.get_num_threads()}, device {device}")
+    if args.bench_command == "train":
+        bench.print_training_rates(*bench.training_rates(checkpoint.model.cfg))
+        return
     if args.bench_command == "rollout":
         rows = bench.run_bench(checkpoint, task, bench.rollout_configs())
         bench.print_bench(rows, bench.cache_bytes(checkpoint.model, 64,
@@ -274,7 +277,8 @@ COMMANDS = {
     ("data", "list"): cmd_data_list, ("data", "build"): cmd_data_build,
     ("train", None): cmd_train, ("rollout", None): cmd_rollout,
     ("bench", "rollout"): cmd_bench, ("bench", "memory"): cmd_bench,
-    ("bench", "evolve"): cmd_bench, ("evolve", None): cmd_evolve,
+    ("bench", "evolve"): cmd_bench, ("bench", "train"): cmd_bench,
+    ("evolve", None): cmd_evolve,
     ("namm", "import"): cmd_namm_import, ("namm", "inspect"): cmd_namm_inspect,
     ("namm", "ship"): cmd_namm_ship,
     ("hf", "import"): cmd_hf_import, ("hf", "export"): cmd_hf_export,

@@ -152,7 +152,8 @@ def make_parser():
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
     for name, help_text in (("rollout", "rollout speed vs recompute and env stepping"),
                             ("memory", "each memory policy's rollout time vs the full cache"),
-                            ("evolve", "one generation on 1 and 2 workers vs env stepping")):
+                            ("evolve", "one generation on 1 and 2 workers vs env stepping"),
+                            ("train", "DT training updates per second, variants side by side")):
         bench_one = bench_commands.add_parser(name, help=help_text)
         add_task_flags(bench_one)
         # HalfCheetah never terminates: every episode is 1000 steps, whatever the checkpoint.

@@ -91,6 +91,25 @@ class TrainingLog:
         self.pending = None
 
 
+def update(model, optimizer, batch, grad_clip, bf16=False, device="cpu"):
+    """One gradient update: the masked MSE of the actions predicted at the state tokens,
+    gradients clipped by norm, an AdamW step. Returns the loss. A non-finite loss or
+    gradient raises FloatingPointError before the step, so the weights stay finite."""
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+        pred = model(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"])
+    mask = batch["mask"][..., None]
+    loss = (((pred.float() - batch["actions"]) ** 2) * mask).sum() / (
+        mask.sum() * pred.shape[-1])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        raise FloatingPointError(f"the loss is {loss.item()} and the gradient norm "
+                                 f"{grad_norm.item()}")
+    optimizer.step()
+    return loss
+
+
 def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, progress=True):
     """Train (or resume) and save the checkpoint at `out`. Returns the metrics history."""
     check(cfg)
@@ -174,21 +193,11 @@ def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, pr
         while step < cfg.steps:
             begin = time.perf_counter()
             batch = {k: v.to(device) for k, v in sampler.sample(cfg.batch_size).items()}
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
-                pred = model(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"])
-            mask = batch["mask"][..., None]
-            loss = (((pred.float() - batch["actions"]) ** 2) * mask).sum() / (
-                mask.sum() * pred.shape[-1])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                # Stop before the step: the weights (and any saved checkpoint) stay finite.
-                raise UserError(f"training diverged at update {step + 1}: the loss is "
-                                f"{loss.item()} and the gradient norm {grad_norm.item()}; "
-                                "nothing of that update was saved; lower --lr or check "
-                                "the dataset")
-            optimizer.step()
+            try:
+                loss = update(model, optimizer, batch, cfg.grad_clip, cfg.bf16, device)
+            except FloatingPointError as e:
+                raise UserError(f"training diverged at update {step + 1}: {e}; nothing of "
+                                "that update was saved; lower --lr or check the dataset") from None
             schedule.step()
             step += 1
             wall += time.perf_counter() - begin

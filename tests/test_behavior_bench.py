@@ -86,3 +86,13 @@ def test_bench_generation_times_a_whole_population(checkpoint):
     assert len(results) == 6 and wall > 0 and floor > 0
     # Common random numbers: the two episodes of every member share their env seeds.
     assert [r.seed for r in results] == [1000, 1001] * 3
+
+
+def test_bench_train_times_every_variant_of_the_real_update():
+    from dtmem.bench import training_rates
+    from dtmem.model import DTConfig
+
+    rows, peak = training_rates(DTConfig(state_dim=11, act_dim=3, n_layer=1, n_embd=16),
+                                batch_size=4, updates=2)
+    assert [name for name, _, _ in rows] == ["fp32", "fp32, fused AdamW", "bf16 autocast"]
+    assert all(rate > 0 and gflops > 0 for _, rate, gflops in rows) and peak > 0
