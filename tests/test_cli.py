@@ -238,3 +238,29 @@ def test_rollout_films_its_first_episodes(capsys, tmp_path, checkpoint):
                              f"{episode['mean_tokens']:.0f}.mp4")
         # One frame after the reset and one after every step.
         assert imageio.get_reader(path).count_frames() == episode["length"] + 1
+
+
+def test_what_a_newcomer_types(capsys, checkpoint, tmp_path, monkeypatch):
+    from dtmem.memory import POLICIES
+    from dtmem.memory.namm import io
+
+    assert main([]) == 2  # plain dtmem: a usage line that says where to look
+    err = capsys.readouterr().err
+    assert err.startswith("usage: dtmem") and "dtmem list" in err
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n  {name} " in out for name in POLICIES)
+    assert sum(line.split()[0].endswith(("-medium", "-expert"))
+               for line in out.splitlines() if line.strip()) == 8
+    assert main(["rollout", "--env", "Hopper-v5", "--task", "x"]) == 2  # argparse: one of them
+    capsys.readouterr()
+    assert main(["rollout", "--task", "mujoco/hopper/medium-v0", "--policy", "window",
+                 "--episodes", "2", "--checkpoint", str(checkpoint),
+                 "--compare", "recompute"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("hopper-medium window: 2 episodes") and "vs recompute" in out
+    assert "no CI" in out  # 2 episodes are too few for one
+    monkeypatch.setattr(io, "SHIPPED_DIR", tmp_path)  # no NAMM ships at all
+    assert main(["rollout", "--env", "Hopper-v5", "--policy", "namm-local",
+                 "--checkpoint", str(checkpoint)]) == 2
+    assert "no NAMM evolved on hopper-medium" in capsys.readouterr().err
