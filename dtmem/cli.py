@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dtmem.cli_flags import make_parser
 from dtmem.command import (
+    aligned,
     parse_with_preset,
     run_reporting_errors,
 )
@@ -24,9 +25,7 @@ def cmd_list(args):
         local = "namm-local" if shipped_file(task.name).exists() else "-"
         rows.append((task.name, task.env_id,
                      "yes" if shipped_path(task.name).exists() else "no", local))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    print("\n".join(aligned(rows)))
     print("\npolicies (dtmem rollout --policy NAME; settings with --set NAME=VALUE):")
     for name in policy_names():
         doc = " ".join((POLICIES[name].__doc__ or "").split())
@@ -48,9 +47,7 @@ def cmd_data_list(args):
                 damaged.append(f"{dataset_id}: {problem}; rebuild it with `dtmem data build "
                                f"--task {task.name} --overwrite`")
         rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print("\n".join(aligned(rows)))
     for line in damaged:
         print(f"damaged: {line}")
 

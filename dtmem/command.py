@@ -59,6 +59,13 @@ def add_threads_flag(parser):
                         help="CPU threads for torch (default 1, fastest for rollouts)")
 
 
+def aligned(rows):
+    """Rows of strings as lines of left-aligned columns, two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            for row in rows]
+
+
 def add_backend_flags(parser, jobs):
     """--backend, --address, --workers: where `jobs` run; the numbers never depend on it."""
     from dtmem.backend import BACKENDS

@@ -35,7 +35,7 @@ from dtmem.files import atomic_path, git_commit, provenance, write_json
 from dtmem.limits import check
 from dtmem.memory import PolicySpec
 from dtmem.memory.namm import DEFAULT_N_UP, policy_for_scorer
-from dtmem.memory.namm.features import merge_stats
+from dtmem.memory.namm.features import HOP, merge_stats
 from dtmem.memory.namm.io import SHIPPED_DIR, save_namm
 from dtmem.memory.namm.scorers import SCORERS
 from dtmem.results import build_policy
@@ -115,8 +115,8 @@ def shards_of(member_params, shards):
 class Evolution:
     def __init__(self, cfg: EvolveConfig, out, device="cpu", backend=None):
         check(cfg)
-        if cfg.n_up % 16:
-            raise UserError(f"--n-up must be a multiple of 16, got {cfg.n_up}")
+        if cfg.n_up % HOP:
+            raise UserError(f"--n-up must be a multiple of {HOP}, got {cfg.n_up}")
         if cfg.scorer not in SCORERS:
             raise UserError(f"unknown scorer {cfg.scorer!r}; use bam or mlp")
         if not (isinstance(cfg.shards, int) and 1 <= cfg.shards <= cfg.population):

@@ -53,11 +53,11 @@ def build_policy(spec: PolicySpec, checkpoint: Checkpoint, task: Task):
 
 
 def run_cell(checkpoint: Checkpoint, task: Task, spec: PolicySpec, episodes, seed=0,
-             slots=None, target_return=None, progress=True, video=None):
-    """One cell: episodes seed .. seed + episodes - 1 under the policy of `spec`; video:
-    (folder, episodes) to film the first episodes."""
+             slots=None, target_return=None, progress=True, video=None, policy=None):
+    """One cell: episodes seed .. seed + episodes - 1 under the policy of `spec` (or the
+    `policy` already built from it); video: (folder, episodes) to film the first ones."""
     task = checkpoint.scoring(task)
-    policy = build_policy(spec, checkpoint, task)
+    policy = policy or build_policy(spec, checkpoint, task)
     recorder = video and VideoRecorder(video[0], f"{task.name}-{spec.cell_name}", video[1])
     begin = time.perf_counter()
     results, _ = rollout(checkpoint.model, checkpoint.state_mean, checkpoint.state_std, task,
@@ -131,9 +131,10 @@ def cell_is_done(cell, checkpoint: Checkpoint, policy_record, episodes, seed):
 def ensure_cell(path, checkpoint, task, spec, episodes, seed, slots=None, progress=True):
     """The cell at `path`, run (and written) unless a finished one is already there."""
     cell = read_cell(path)
-    record = build_policy(spec, checkpoint, task).describe()
-    if not cell_is_done(cell, checkpoint, record, episodes, seed):
-        cell = run_cell(checkpoint, task, spec, episodes, seed, slots, progress=progress)
+    policy = build_policy(spec, checkpoint, task)
+    if not cell_is_done(cell, checkpoint, policy.describe(), episodes, seed):
+        cell = run_cell(checkpoint, task, spec, episodes, seed, slots, progress=progress,
+                        policy=policy)
         write_json(path, cell)
     return cell
 

@@ -162,7 +162,7 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task,
             rtg_now = torch.from_numpy(rtg[:, None]).float().to(device)
             t_now = torch.from_numpy(t).to(device)
             actions, tokens = decoder.step(prev_action, rtg_now, state, t_now, active)
-            tokens = tokens.cpu().numpy().reshape(len(episode), -1)  # [E, L] (recompute: 1)
+            tokens = tokens.cpu().numpy()  # [E, L]
             token_sum[active_np] += tokens[active_np]
             token_max[active_np] = np.maximum(token_max[active_np], tokens[active_np])
             actions_np = np.clip(actions.cpu().numpy(), low, high)

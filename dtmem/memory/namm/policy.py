@@ -18,7 +18,7 @@ import torch
 
 from dtmem.errors import UserError
 from dtmem.files import relative_to_root, sha256
-from dtmem.memory import SLACK_TOKENS, MemoryPolicy, keep_top, register
+from dtmem.memory import SLACK_TOKENS, MemoryPolicy, check_budget, keep_top, register
 from dtmem.memory.namm.features import (
     HOP,
     N_BINS,
@@ -70,9 +70,7 @@ class NAMM(MemoryPolicy):
     def __post_init__(self):
         if self.ratio is not None:
             raise UserError(f"policy {self.name!r} takes a --budget (hard cap), not --ratio")
-        if self.budget is not None and not 3 <= self.budget <= self.max_tokens:
-            raise UserError(f"--budget must be between 3 and {self.max_tokens} tokens, "
-                            f"got {self.budget}")
+        check_budget(self.budget, None, self.max_tokens)
         self.score_fn = SCORERS[self.scorer][0]
         if self.params is None:
             self.namm_file = self.namm_file or self.shipped_namm()
