@@ -89,6 +89,15 @@ def experiment_tasks(cfg: ExperimentConfig):
     if not namm_file(cfg, "default").exists():
         raise UserError(f"no zero-shot NAMM {namm_file(cfg, 'default')}; evolve one with "
                         "scripts/evolve.py or pass --namm-dir")
+    if cfg.cells:  # a misspelt name would otherwise run nothing, silently
+        planned = {spec.cell_name for task in tasks for spec in planned_cells(task, cfg)}
+        heuristics = cfg.heuristics.split(",")
+        unknown = sorted(name for name in cfg.cells.split(",") if name not in planned and not (
+            name.partition("@")[0] in heuristics and name.partition("@")[2].isdigit()))
+        if unknown:
+            raise UserError(f"--cells: {', '.join(unknown)} is no cell of this run; its cells "
+                            f"are {', '.join(sorted(planned))} and HEURISTIC@BUDGET for a "
+                            "heuristic of --heuristics")
     return tasks
 
 

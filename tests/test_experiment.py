@@ -72,6 +72,7 @@ def test_experiment_runs_every_cell_resumes_and_reports(setup, tmp_path, capsys)
 
 def test_experiment_refuses_bad_config(setup):
     for bad in ({"heuristics": "namm"}, {"heuristics": "window"}, {"tasks": "hopper-expert"},
-                {"namm_dir": "/nonexistent"}, {"budgets": "matched,2"}, {"budgets": "x"}):
+                {"namm_dir": "/nonexistent"}, {"budgets": "matched,2"}, {"budgets": "x"},
+                {"cells": "recompte"}, {"cells": "window,tova@60"}):
         with pytest.raises(UserError):
             experiment.experiment_tasks(ExperimentConfig(**{**setup.__dict__, **bad}))
