@@ -5,7 +5,7 @@ included, are the [behavior] table of its envs/<env>.toml.
 "expert" = best checkpoint in progress.csv, "medium" = an earlier one at 1/3-1/2 of its
 return (chosen by scripts/build_suite.py --stages policies).
 
-    python scripts/train_behavior.py --env Hopper-v5 --out /work/runs/behavior
+    python scripts/train_behavior.py --env Hopper-v5 --out runs/behavior
 """
 
 import argparse

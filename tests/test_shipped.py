@@ -64,7 +64,8 @@ def test_no_committed_result_names_a_machine_path():
     from dtmem.tasks import ROOT
 
     files = [p for pattern in ("results/**/*.json", "results/**/*.md", "results/**/*.csv",
-                               "data/**/*.csv", "data/**/*.json")
+                               "data/**/*.csv", "data/**/*.json", "docs/**/*.json",
+                               "docs/**/*.md", "docs/**/*.txt")
              for p in ROOT.glob(pattern)]
     assert files
     for path in files:
