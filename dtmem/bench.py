@@ -117,6 +117,32 @@ def print_bench(rows, cache_bytes):
           "keys and values)")
 
 
+def bench_shards(checkpoint, task: Task, slots=64, shards=2):
+    """`dtmem bench rollout`'s two cores: window at `slots` slots in `shards` shards, in
+    turn in this process and on as many worker processes (started, and warmed by a
+    one-episode rollout each, before the clock), against the single-core env floor of the
+    same episodes. Returns (seconds in turn, seconds on workers, floor, identical)."""
+    policy = build_policy(PolicySpec("window"), checkpoint, task)
+    model = checkpoint.model, checkpoint.state_mean, checkpoint.state_std, task, policy
+    walls, scores = [], []
+    for workers in (1, shards):
+        with LocalBackend(workers) as backend:
+            rollout(*model, episodes=shards, shards=shards, backend=backend)
+            begin = time.perf_counter()
+            results, _ = rollout(*model, episodes=slots, shards=shards, backend=backend)
+            walls.append(time.perf_counter() - begin)
+            scores.append([r.score for r in results])
+    floor = env_floor(task, [r.length for r in results], slots)
+    return walls[0], walls[1], floor, scores[0] == scores[1]
+
+
+def print_shards_bench(in_turn, on_workers, floor, identical, slots=64, shards=2):
+    print(f"window at {slots} slots in {shards} shards: in turn in one process "
+          f"{in_turn / floor:.2f}x the env floor; on {shards} worker processes "
+          f"{on_workers / floor:.2f}x the single-core env floor (target at most 1.3); "
+          f"scores identical: {'yes' if identical else 'NO'}")
+
+
 def print_memory_bench(rows):
     # Per env step: policies change how long episodes last, so whole-run times would mix
     # the cost of a policy with the length of the episodes it produces.

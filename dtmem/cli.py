@@ -94,6 +94,7 @@ def policy_setting(text):
 def cmd_rollout(args):
     import torch
 
+    from dtmem.backend import make_backend
     from dtmem.checkpoints import Checkpoint
     from dtmem.files import ensure_writable, write_json
     from dtmem.memory import PolicySpec, load_policy_file
@@ -112,10 +113,15 @@ def cmd_rollout(args):
     if args.json:
         ensure_writable(args.json)
     checkpoint = Checkpoint.for_task(task, args.checkpoint, pick_device(args.device))
-    cell = run_cell(checkpoint, task, spec, args.episodes, args.seed, args.slots,
-                    args.target_return, video=args.video and (args.video, args.video_episodes))
-    base = args.compare and run_cell(checkpoint, task, PolicySpec(args.compare), args.episodes,
-                                     args.seed, args.slots, args.target_return)
+    with make_backend(args.backend, args.address, args.workers) as backend:
+        sharding = {"shards": args.shards, "backend": backend}
+        cell = run_cell(checkpoint, task, spec, args.episodes, args.seed, args.slots,
+                        args.target_return, video=args.video and (args.video,
+                                                                  args.video_episodes),
+                        **sharding)
+        base = args.compare and run_cell(checkpoint, task, PolicySpec(args.compare),
+                                         args.episodes, args.seed, args.slots,
+                                         args.target_return, **sharding)
     print(explain(cell, base or None))
     if args.json:
         write_json(args.json, cell)
@@ -253,6 +259,9 @@ def cmd_bench(args):
         rows = bench.run_bench(checkpoint, task, bench.rollout_configs())
         bench.print_bench(rows, bench.cache_bytes(checkpoint.model, 64,
                                                   3 * task.max_episode_steps))
+        print("timing window at 64 slots in 2 shards, in turn and on 2 worker processes",
+              flush=True)
+        bench.print_shards_bench(*bench.bench_shards(checkpoint, task))
     elif args.bench_command == "memory":
         bench.print_memory_bench(bench.run_bench(checkpoint, task, bench.memory_configs()))
     else:

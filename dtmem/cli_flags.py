@@ -73,6 +73,9 @@ def make_parser():
                       help="episodes to run (default 20)")
     roll.add_argument("--slots", type=flag_type("slots"), help="episodes run in lockstep (default all)")
     roll.add_argument("--seed", type=flag_type("seed"), default=0, help="episode i is reset with seed + i")
+    roll.add_argument("--shards", type=flag_type("shards"), default=1,
+                      help="batched rollouts of episode blocks (default 1); with --workers 2, "
+                      "2 shards use 2 cores. Shards change the floats, workers do not")
     roll.add_argument("--target-return", type=flag_type("target_return"), help="default: the task's target")
     roll.add_argument("--checkpoint", help="default: the shipped data/checkpoints/<task>.pt")
     roll.add_argument("--json", help="write a results file with provenance here")
@@ -82,6 +85,7 @@ def make_parser():
                       help="episodes filmed with --video (default 1)")
     roll.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_threads_flag(roll)
+    add_backend_flags(roll, "shards")
     add_preset_flag(roll, "rollout", parser.preset_parsers)
 
     evo = commands.add_parser("evolve", help="evolve a NAMM with CMA-ES (also scripts/evolve.py)")

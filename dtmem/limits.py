@@ -27,7 +27,7 @@ LIMITS = {
     # rollouts, datasets and the experiment
     "seed": (int, 0, SEED_MAX), "episodes": (int, 1, 100_000), "slots": (int, 1, 4096),
     "envs": (int, 1, 1024), "budget": (int, 3, BIG), "ratio": (float, 1e-6, 1.0),
-    "target_return": (float, -1e7, 1e7), "workers": (int, 1, 1024),
+    "target_return": (float, -1e7, 1e7), "workers": (int, 1, 1024), "shards": (int, 1, 4096),
     "threads": (int, 1, os.cpu_count() or 1),
 }
 

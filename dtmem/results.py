@@ -53,21 +53,23 @@ def build_policy(spec: PolicySpec, checkpoint: Checkpoint, task: Task):
 
 
 def run_cell(checkpoint: Checkpoint, task: Task, spec: PolicySpec, episodes, seed=0,
-             slots=None, target_return=None, progress=True, video=None, policy=None):
+             slots=None, target_return=None, progress=True, video=None, policy=None, shards=1,
+             backend=None):
     """One cell: episodes seed .. seed + episodes - 1 under the policy of `spec` (or the
-    `policy` already built from it); video: (folder, episodes) to film the first ones."""
+    `policy` already built from it); video: (folder, episodes) to film the first ones;
+    shards: batched rollouts of episode blocks, jobs of `backend` (dtmem/rollout.py)."""
     task = checkpoint.scoring(task)
     policy = policy or build_policy(spec, checkpoint, task)
     recorder = video and VideoRecorder(video[0], f"{task.name}-{spec.cell_name}", video[1])
     begin = time.perf_counter()
     results, _ = rollout(checkpoint.model, checkpoint.state_mean, checkpoint.state_std, task,
                          policy, episodes, slots, seed, target_return, progress=progress,
-                         video=recorder)
+                         video=recorder, shards=shards, backend=backend)
     wall = time.perf_counter() - begin
     return {"task": task.name, "policy": spec.name, "label": spec.label, **policy.describe(),
             **checkpoint.record(),
             "target_return": task.target_return if target_return is None else target_return,
-            "seed": seed, "reference": {"min": task.ref_min, "max": task.ref_max,
+            "seed": seed, **({"shards": shards} if shards > 1 else {}), "reference": {"min": task.ref_min, "max": task.ref_max,
                                         "source": task.ref_source},
             "provenance": provenance(wall_seconds=round(wall, 2)),
             "summary": summarize(results), "episodes": [asdict(r) for r in results]}
@@ -149,11 +151,13 @@ def spec_of(cell):
 
 def reproduce(cell, progress=False):
     """Run a cell again from what it records (checkpoint, policy, seeds, episodes, target
-    return); with as many slots as episodes, as the experiment and `dtmem rollout` run."""
+    return, shards: one unless it says); with as many slots as episodes, as the experiment
+    and `dtmem rollout` run."""
     task = all_tasks()[cell["task"]]
     checkpoint = Checkpoint.for_task(task, ROOT / cell["checkpoint"])
     return run_cell(checkpoint, task, spec_of(cell), len(cell["episodes"]), cell["seed"],
-                    target_return=cell["target_return"], progress=progress)
+                    target_return=cell["target_return"], progress=progress,
+                    shards=cell.get("shards", 1))
 
 
 def matched_budget(cell):

@@ -5,13 +5,23 @@ so every policy meets the same initial states (common random numbers). When an e
 ends its slot is cleared and takes the next episode, or idles once none are left.
 Two decoders run the model: KV-cached decoding under a memory policy, and `recompute`,
 the field's standard (a full forward over the last K steps at every env step).
+
+With shards > 1 the episodes are split into that many contiguous blocks, each its own
+batched rollout: a job of a backend (dtmem/backend.py), so that 2 worker processes use 2
+cores, each stepping its envs while the other decodes. Which episodes share a batch
+changes the floats (batched matmuls round differently at other batch sizes), so the
+shards are part of a run, like its seed; the workers are not: 2 shards give the same
+numbers on 1 worker as on 2.
 """
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from dtmem.backend import LocalBackend
+from dtmem.errors import UserError
 from dtmem.limits import check_memory, check_seeds, check_value
 from dtmem.memory import MemoryPolicy
 from dtmem.model import DecisionTransformer
@@ -98,10 +108,11 @@ class RecomputeDecoder:
 
 def rollout(model: DecisionTransformer, state_mean, state_std, task: Task,
             policy: MemoryPolicy, episodes=10, slots=None, seed=0, target_return=None,
-            progress=False, seeds=None, video=None):
+            progress=False, seeds=None, video=None, shards=1, backend=None):
     """Run `episodes` episodes under memory `policy` in min(slots, episodes) slots.
     seeds: env seed of each episode (default seed + i). video: a VideoRecorder for the
-    first episodes (dtmem/video.py).
+    first episodes (dtmem/video.py). shards: batched rollouts of contiguous episode blocks,
+    the slots shared out among them, run as jobs of `backend` (default: this process).
     Returns (list of EpisodeResult in episode order, number of env steps taken)."""
     device = next(model.parameters()).device
     cfg = model.cfg
@@ -112,6 +123,9 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task,
         check_seeds(seed, episodes)
     if target_return is not None:
         check_value("target_return", target_return)
+    if shards != 1:
+        return _sharded(model, state_mean, state_std, task, policy, episodes, slots, seed,
+                        target_return, progress, seeds, video, shards, backend)
     E = min(slots or episodes, episodes)
     # Keys and values of a whole cache at its largest, doubled for policies' token state.
     check_memory(2 * E * policy.capacity() * cfg.n_layer * 2 * cfg.n_embd * 4,
@@ -210,3 +224,33 @@ def rollout(model: DecisionTransformer, state_mean, state_std, task: Task,
                 decoder.keep_slots(index)
     bar.close()
     return [results[i] for i in range(episodes)], env_steps
+
+
+def _sharded(model, state_mean, state_std, task, policy, episodes, slots, seed,
+             target_return, progress, seeds, video, shards, backend):
+    """rollout() in `shards` jobs: each a contiguous block of the episodes, in order."""
+    if not (isinstance(shards, int) and 1 <= shards <= episodes):
+        raise UserError(f"--shards must be an integer from 1 to the episodes ({episodes}), "
+                        f"got {shards!r}")
+    if video:
+        raise UserError("--video films episodes in this process; drop --shards to film them")
+    seeds = [seed + i for i in range(episodes)] if seeds is None else list(seeds)
+    blocks = np.array_split(np.arange(episodes), shards)
+    backend = backend or LocalBackend()
+    jobs = [(model, state_mean, state_std, task, policy, [seeds[i] for i in block],
+             slots and max(1, round(slots * len(block) / episodes)), target_return,
+             progress and backend.in_process) for block in blocks]
+    outcomes = backend.map(_rollout_shard, jobs)
+    results = [replace(r, episode=int(block[0]) + r.episode)
+               for block, (shard, _) in zip(blocks, outcomes) for r in shard]
+    return results, sum(steps for _, steps in outcomes)
+
+
+def _rollout_shard(model, state_mean, state_std, task, policy, seeds, slots, target_return,
+                   progress):
+    """One shard: a backend's job, module-level so that worker processes can import it; on
+    one torch thread (the fastest for a rollout's many small ops, and the same in every
+    process) and on its own copy of the policy (a policy holds its slots' state)."""
+    torch.set_num_threads(1)
+    return rollout(model, state_mean, state_std, task, copy.deepcopy(policy), len(seeds),
+                   slots, target_return=target_return, progress=progress, seeds=seeds)

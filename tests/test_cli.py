@@ -63,6 +63,25 @@ def test_same_seed_same_numbers_and_slots_do_not_matter_for_recompute(capsys, tm
     assert returns[0] == pytest.approx(returns[1], rel=1e-4)
 
 
+def test_shards_are_their_episode_blocks_run_apart_on_any_number_of_workers(capsys, tmp_path,
+                                                                          checkpoint):
+    """--shards 2 runs episodes 0..2 and 3..4 as two batched rollouts: exactly what two
+    rollouts of those blocks give, in this process or on 2 worker processes."""
+    def episodes(*argv):
+        out = tmp_path / "cell.json"
+        run(capsys, "rollout", "--task", "hopper-medium", "--policy", "h2o", "--budget", "12",
+            "--checkpoint", str(checkpoint), "--json", str(out), *argv)
+        return [(e["episode"], e["seed"], e["ret"]) for e in json.loads(out.read_text())["episodes"]]
+
+    first, second = episodes("--episodes", "3"), episodes("--episodes", "2", "--seed", "3")
+    apart = first + [(episode + 3, seed, ret) for episode, seed, ret in second]
+    assert episodes("--episodes", "5", "--shards", "2") == apart
+    assert episodes("--episodes", "5", "--shards", "2", "--workers", "2") == apart
+    code, _, err = run(capsys, "rollout", "--task", "hopper-medium", "--episodes", "2",
+                       "--shards", "3", "--checkpoint", str(checkpoint))
+    assert one_line_error(code, err) and "--shards" in err
+
+
 def test_interrupted_training_resumes_to_the_same_weights(hopper_dataset, tmp_path,
                                                          monkeypatch):
     import torch
