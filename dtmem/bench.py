@@ -204,7 +204,7 @@ def training_rates(cfg, batch_size=64, updates=20, seed=0):
     flops = 3 * 2 * cfg.n_layer * B * T * (12 * d * d + 2 * T * d)
     rows = []
     for name, bf16, fused in (("fp32", False, False), ("fp32, fused AdamW", False, True),
-                              ("bf16 autocast", True, False)):
+                              ("bf16 autocast", True, False), ("bf16, fused AdamW", True, True)):
         torch.manual_seed(seed)
         model = DecisionTransformer(cfg).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4,
