@@ -14,9 +14,15 @@ Stages, per env or task:
   dts         one DT per task, the same budget for all, shipped in data/checkpoints/.
   results     recompute, window and full cells (dtmem/results.py) of every shipped DT ->
               results/suite.json, with the dataset's own score for comparison.
+
+Each env's policies and references, then each task's dataset and DT, then each task's
+results, are jobs of a backend (dtmem/backend.py): with --workers or on Ray, envs and tasks
+build side by side. A job runs on one torch thread (the same numbers in every process) in
+the driver's folders (Places), so the nodes of a cluster must share the file system.
 """
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +31,9 @@ import numpy as np
 import tomlkit
 import torch
 
-from dtmem import data, ppo
+import dtmem.tasks
+from dtmem import checkpoints, data, ppo
+from dtmem.backend import LocalBackend
 from dtmem.behavior import MLPPolicy, RandomPolicy
 from dtmem.checkpoints import Checkpoint, read_checkpoint, shipped_path
 from dtmem.errors import UserError
@@ -178,9 +186,11 @@ def task_results(task, cfg: SuiteConfig):
                                         cfg.result_episodes) for name in POLICIES}}
 
 
-def stage_results(tasks, cfg: SuiteConfig, out: Path, readme=None):
-    new = {task.name: task_results(task, cfg) for task in tasks
-           if shipped_path(task.name).exists()}
+def stage_results(tasks, cfg: SuiteConfig, out: Path, readme=None, backend=None):
+    names = [task.name for task in tasks if shipped_path(task.name).exists()]
+    rows = (backend or LocalBackend()).map(_results_job,
+                                           [(name, cfg, Places.here()) for name in names])
+    new = dict(zip(names, rows))
     # Tasks not rerun keep their rows (each row carries its own provenance). Read only now,
     # so that runs for other tasks that finished meanwhile keep theirs too.
     results = json.loads(out.read_text())["tasks"] if out.exists() else {}
@@ -223,9 +233,10 @@ def suite_table(results, cfg: SuiteConfig):
     return "\n".join(lines) + "\n"
 
 
-def build(cfg: SuiteConfig, stages, envs, tasks, runs: Path, results: Path, readme=None):
+def build(cfg: SuiteConfig, stages, envs, tasks, runs: Path, results: Path, readme=None,
+          backend=None):
     """Run `stages` for `envs` (None: every env) and `tasks` (None: every task of `envs`);
-    runs holds the working files (PPO runs, DTs in training)."""
+    runs holds the working files (PPO runs, DTs in training); backend runs the jobs."""
     envs = envs or list(all_envs())
     tasks = tasks or [t.name for t in all_tasks().values() if t.env in envs]
     for kind, names, valid in [("stage", stages, STAGES), ("env", envs, all_envs()),
@@ -233,18 +244,58 @@ def build(cfg: SuiteConfig, stages, envs, tasks, runs: Path, results: Path, read
         unknown = [name for name in names if name not in valid]
         if unknown:
             raise UserError(f"unknown {kind} {unknown[0]!r}; valid: {', '.join(valid)}")
-    for env in envs:
-        if "policies" in stages:
-            stage_policies(env, cfg, runs / "behavior")
-        if "references" in stages:
-            stage_references(env, cfg)
-    # Looked up only now: measuring references changes the tasks' scores and targets.
-    chosen = [all_tasks()[name] for name in tasks]
-    for task in chosen:
-        if "datasets" in stages:
-            stage_datasets(task, cfg)
-    for task in chosen:
-        if "dts" in stages:
-            stage_dts(task, cfg, runs)
+    backend = backend or LocalBackend()
+    places = Places.here()
+    for stage_group, names in (({"policies", "references"}, envs), ({"datasets", "dts"}, tasks)):
+        chosen_stages = [stage for stage in STAGES if stage in stages and stage in stage_group]
+        if chosen_stages:
+            backend.map(_stages_job, [(name, chosen_stages, cfg, runs, places) for name in names])
+            # Looked up anew: references measured in the jobs change the tasks' scores.
+            all_envs.cache_clear()
     if "results" in stages:
-        stage_results(chosen, cfg, results, readme)
+        stage_results([all_tasks()[name] for name in tasks], cfg, results, readme, backend)
+
+
+@dataclass(frozen=True)
+class Places:
+    """The folders a suite job reads and writes, carried from the driver to its workers
+    (which may have been started before the driver chose them, as tests do)."""
+
+    envs: Path
+    policies: Path
+    checkpoints: Path
+    minari: str | None
+
+    @classmethod
+    def here(cls):
+        return cls(dtmem.tasks.ENVS_DIR, data.POLICIES_DIR, checkpoints.SHIPPED_DIR,
+                   os.environ.get("MINARI_DATASETS_PATH"))
+
+    def enter(self):
+        if self != Places.here():
+            dtmem.tasks.ENVS_DIR, data.POLICIES_DIR = self.envs, self.policies
+            checkpoints.SHIPPED_DIR = self.checkpoints
+            if self.minari:
+                os.environ["MINARI_DATASETS_PATH"] = self.minari
+            all_envs.cache_clear()
+        torch.set_num_threads(1)
+
+
+def _stages_job(name, stages, cfg: SuiteConfig, runs: Path, places: Places):
+    """One env's policies and references, or one task's dataset and DT, in stage order: a
+    backend's job."""
+    places.enter()
+    for stage in stages:
+        if stage == "policies":
+            stage_policies(name, cfg, runs / "behavior")
+        elif stage == "references":
+            stage_references(name, cfg)
+        elif stage == "datasets":
+            stage_datasets(all_tasks()[name], cfg)
+        else:
+            stage_dts(all_tasks()[name], cfg, runs)
+
+
+def _results_job(name, cfg: SuiteConfig, places: Places):
+    places.enter()
+    return task_results(all_tasks()[name], cfg)

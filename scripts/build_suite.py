@@ -5,6 +5,8 @@ and interrupted ones resume, so the job can span sessions. The envs are envs/*.t
     python scripts/build_suite.py                       # everything
     python scripts/build_suite.py --envs hopper --stages policies,references,datasets
     python scripts/build_suite.py --tasks hopper-medium --stages dts,results
+    python scripts/build_suite.py --workers 2           # two envs, then two tasks, at once
+    python scripts/build_suite.py --backend ray --address ADDR   # on a Ray cluster
 """
 
 import argparse
@@ -12,7 +14,8 @@ import sys
 from pathlib import Path
 
 from dtmem import suite
-from dtmem.command import run_reporting_errors
+from dtmem.backend import make_backend
+from dtmem.command import add_backend_flags, run_reporting_errors
 from dtmem.tasks import ROOT
 
 
@@ -26,11 +29,16 @@ def main(argv=None):
     parser.add_argument("--runs", default=str(ROOT / "runs" / "suite"),
                         help="working files (PPO runs, DT checkpoints in training)")
     parser.add_argument("--results", default=str(ROOT / "results" / "suite.json"))
+    add_backend_flags(parser, "envs' and tasks' stages")
     args = parser.parse_args(argv)
-    return run_reporting_errors(lambda: suite.build(
-        suite.SuiteConfig(), args.stages.split(","), args.envs and args.envs.split(","),
-        args.tasks and args.tasks.split(","), Path(args.runs), Path(args.results),
-        ROOT / "README.md"))
+
+    def build():
+        with make_backend(args.backend, args.address, args.workers) as backend:
+            suite.build(suite.SuiteConfig(), args.stages.split(","),
+                        args.envs and args.envs.split(","), args.tasks and args.tasks.split(","),
+                        Path(args.runs), Path(args.results), ROOT / "README.md", backend)
+
+    return run_reporting_errors(build)
 
 
 if __name__ == "__main__":

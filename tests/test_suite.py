@@ -8,8 +8,10 @@ import json
 import tomllib
 
 import pytest
+import torch
 
 from dtmem import checkpoints, data, suite, tasks
+from dtmem.backend import LocalBackend
 from dtmem.behavior import MLPPolicy
 from dtmem.checkpoints import read_checkpoint
 from dtmem.errors import UserError
@@ -17,11 +19,20 @@ from dtmem.files import sha256
 from tests.test_behavior_bench import tiny_policy
 
 
+SHIPPED_ENVS = tasks.ENVS_DIR
+
+
 @pytest.fixture
 def tmp_suite(tmp_path, monkeypatch):
+    use_suite_folder(tmp_path, monkeypatch)
+    yield tmp_path
+    tasks.all_envs.cache_clear()
+
+
+def use_suite_folder(tmp_path, monkeypatch):
     envs, policies, shipped = tmp_path / "envs", tmp_path / "policies", tmp_path / "ckpt"
-    envs.mkdir(), policies.mkdir(), shipped.mkdir()
-    text = (tasks.ENVS_DIR / "walker2d.toml").read_text()
+    envs.mkdir(parents=True), policies.mkdir(), shipped.mkdir()
+    text = (SHIPPED_ENVS / "walker2d.toml").read_text()
     # Start from an env without measured references, as before the suite first ran, and
     # whose PPO run is complete at 200k steps.
     text = text[:text.index("\n[reference.dtmem]") + 1].replace("steps = 1_000_000",
@@ -31,8 +42,6 @@ def tmp_suite(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "POLICIES_DIR", policies)
     monkeypatch.setattr(checkpoints, "SHIPPED_DIR", shipped)
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
-    tasks.all_envs.cache_clear()
-    yield tmp_path
     tasks.all_envs.cache_clear()
 
 
@@ -112,3 +121,33 @@ def test_suite_in_miniature(tmp_suite):
     suite.build(cfg, ["policies", "references", "datasets", "dts"], ["walker2d"], None, runs,
                 tmp / "results" / "suite.json")
     assert [path.stat().st_mtime_ns for path in files] == before
+
+
+MINIATURE = suite.SuiteConfig(reference_episodes=4, dataset_steps=1500, dt_steps=6)
+
+
+def built_suite(root, monkeypatch, backend=None):
+    """walker2d's policies, references, datasets and DTs in miniature, built in a fresh
+    folder by `backend`: (the env file's text, each shipped DT's weights)."""
+    use_suite_folder(root, monkeypatch)
+    fake_ppo_run(root / "runs", [100.0, 400.0, 1000.0, 900.0])
+    suite.build(MINIATURE, ["policies", "references", "datasets", "dts"], ["walker2d"], None,
+                root / "runs", root / "results" / "suite.json", backend=backend)
+    weights = {name: read_checkpoint(root / "ckpt" / f"{name}.pt")["model"]
+               for name in ("walker2d-medium", "walker2d-expert")}
+    return (root / "envs" / "walker2d.toml").read_text(), weights
+
+
+def assert_same_suite(a, b):
+    assert a[0] == b[0]
+    assert all(torch.equal(a[1][name][key], b[1][name][key])
+               for name in a[1] for key in a[1][name])
+
+
+def test_the_suite_on_two_workers_builds_what_one_process_builds(tmp_path, monkeypatch):
+    """The env's stages, then the two tasks' stages, as jobs of two worker processes
+    (started before the folders were chosen: they learn them from the jobs)."""
+    alone = built_suite(tmp_path / "one", monkeypatch)
+    with LocalBackend(2) as workers:
+        assert_same_suite(alone, built_suite(tmp_path / "two", monkeypatch, workers))
+    tasks.all_envs.cache_clear()
