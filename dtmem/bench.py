@@ -183,11 +183,12 @@ def bench_generation(checkpoint, task: Task, population=32, episodes=2, scorer="
     return wall, env_floor(task, [r.length for r in results], population * episodes), results
 
 
-def training_rates(cfg, batch_size=64, updates=20, seed=0):
+def training_rates(cfg, batch_size=64, updates=20, seed=0, compiled=False):
     """`dtmem bench train`: updates per second of train.py's own update (train.update) for
     each variant, side by side in one run, on random windows of the real shapes (values do
-    not change the arithmetic), after 3 warm-up updates; and the share of this CPU's
-    measured float32 matmul rate that each reaches. Rows: (variant, updates/s, GFLOP/s)."""
+    not change the arithmetic), after 3 warm-up updates (which compile, for the compiled
+    variants); and the share of this CPU's measured float32 matmul rate that each reaches.
+    Rows: (variant, updates/s, GFLOP/s)."""
     from dtmem.model import DecisionTransformer
     from dtmem.train import update
 
@@ -203,20 +204,45 @@ def training_rates(cfg, batch_size=64, updates=20, seed=0):
     T, d = 3 * K, cfg.n_embd
     flops = 3 * 2 * cfg.n_layer * B * T * (12 * d * d + 2 * T * d)
     rows = []
-    for name, bf16, fused in (("fp32", False, False), ("fp32, fused AdamW", False, True),
-                              ("bf16 autocast", True, False), ("bf16, fused AdamW", True, True)):
+    variants = [("fp32", False, False, False), ("fp32, fused AdamW", False, True, False),
+                ("bf16 autocast", True, False, False), ("bf16, fused AdamW", True, True, False)]
+    if compiled:
+        variants += [("fp32, torch.compile", False, False, True),
+                     ("bf16, fused, compile", True, True, True)]
+    for name, bf16, fused, compile_model in variants:
         torch.manual_seed(seed)
         model = DecisionTransformer(cfg).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4,
                                       fused=fused or None)
+        forward = torch.compile(model) if compile_model else model
         for _ in range(3):
-            update(model, optimizer, batch, 0.25, bf16)
+            update(forward, optimizer, batch, 0.25, bf16)
         begin = time.perf_counter()
         for _ in range(updates):
-            update(model, optimizer, batch, 0.25, bf16)
+            update(forward, optimizer, batch, 0.25, bf16)
         rate = updates / (time.perf_counter() - begin)
         rows.append((name, rate, rate * flops / 1e9))
     return rows, matmul_gflops()
+
+
+def print_data_loading(task: Task, cfg, batch_size=64, batches=200):
+    """Milliseconds per batch of train.py's window sampler on the task's local dataset."""
+    from dtmem.data import Episodes, WindowSampler, find_dataset
+
+    try:
+        dataset, dataset_id = find_dataset(task)
+    except UserError:
+        print(f"(data loading not timed: {task.name} has no local dataset)")
+        return
+    episodes = Episodes.from_minari(dataset)
+    sampler = WindowSampler(episodes, cfg.context_steps, task.return_scale,
+                            *episodes.state_stats())
+    sampler.sample(batch_size)
+    begin = time.perf_counter()
+    for _ in range(batches):
+        sampler.sample(batch_size)
+    print(f"data loading: {(time.perf_counter() - begin) / batches * 1e3:.2f} ms per batch of "
+          f"{batch_size} windows from {dataset_id}")
 
 
 def matmul_gflops(n=512, seconds=0.5):

@@ -253,7 +253,9 @@ def cmd_bench(args):
     print(f"checkpoint {checkpoint.path or 'none: an untrained DT of the default size'}")
     print(f"task {task.name}, torch threads {torch.get_num_threads()}, device {device}")
     if args.bench_command == "train":
-        bench.print_training_rates(*bench.training_rates(checkpoint.model.cfg))
+        bench.print_training_rates(*bench.training_rates(checkpoint.model.cfg,
+                                                         compiled=args.compile))
+        bench.print_data_loading(task, checkpoint.model.cfg)
         return
     if args.bench_command == "rollout":
         rows = bench.run_bench(checkpoint, task, bench.rollout_configs())

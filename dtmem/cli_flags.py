@@ -167,4 +167,7 @@ def make_parser():
                                "untrained DT of the default size")
         bench_one.add_argument("--device", default="auto", help="auto, cpu or cuda")
         add_threads_flag(bench_one)
+        if name == "train":
+            bench_one.add_argument("--compile", action="store_true",
+                                   help="also time torch.compile'd variants (minutes to compile)")
     return parser

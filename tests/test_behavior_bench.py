@@ -94,5 +94,16 @@ def test_bench_train_times_every_variant_of_the_real_update():
 
     rows, peak = training_rates(DTConfig(state_dim=11, act_dim=3, n_layer=1, n_embd=16),
                                 batch_size=4, updates=2)
-    assert [name for name, _, _ in rows] == ["fp32", "fp32, fused AdamW", "bf16 autocast"]
+    assert [name for name, _, _ in rows] == ["fp32", "fp32, fused AdamW", "bf16 autocast",
+                                              "bf16, fused AdamW"]
     assert all(rate > 0 and gflops > 0 for _, rate, gflops in rows) and peak > 0
+
+
+def test_bench_train_compiles_the_real_update_when_asked():
+    from dtmem.bench import training_rates
+    from dtmem.model import DTConfig
+
+    rows, _ = training_rates(DTConfig(state_dim=11, act_dim=3, n_layer=1, n_embd=16),
+                             batch_size=4, updates=1, compiled=True)
+    assert [name for name, _, _ in rows][-2:] == ["fp32, torch.compile", "bf16, fused, compile"]
+    assert all(rate > 0 for _, rate, _ in rows)
