@@ -77,9 +77,12 @@ def test_shards_are_their_episode_blocks_run_apart_on_any_number_of_workers(caps
     apart = first + [(episode + 3, seed, ret) for episode, seed, ret in second]
     assert episodes("--episodes", "5", "--shards", "2") == apart
     assert episodes("--episodes", "5", "--shards", "2", "--workers", "2") == apart
-    code, _, err = run(capsys, "rollout", "--task", "hopper-medium", "--episodes", "2",
-                       "--shards", "3", "--checkpoint", str(checkpoint))
-    assert one_line_error(code, err) and "--shards" in err
+    for argv, needle in ((["--episodes", "2", "--shards", "3"], "--shards"),
+                         (["--shards", "2", "--video", str(tmp_path / "films")], "--video")):
+        code, _, err = run(capsys, "rollout", "--task", "hopper-medium", "--checkpoint",
+                           str(checkpoint), *argv)
+        assert one_line_error(code, err) and needle in err
+    assert not (tmp_path / "films").exists()
 
 
 def test_interrupted_training_resumes_to_the_same_weights(hopper_dataset, tmp_path,

@@ -29,7 +29,8 @@ def refused(capsys, argv, needle="", code=2):
 NUMERIC_FLAGS = [
     ("rollout", "--episodes"), ("rollout", "--slots"), ("rollout", "--seed"),
     ("rollout", "--budget"), ("rollout", "--ratio"), ("rollout", "--target-return"),
-    ("rollout", "--threads"), ("train", "--steps"), ("train", "--batch-size"),
+    ("rollout", "--threads"), ("rollout", "--shards"), ("rollout", "--workers"),
+    ("train", "--steps"), ("train", "--batch-size"),
     ("train", "--lr"), ("train", "--dropout"), ("train", "--warmup-steps"), ("train", "--seed"),
     ("train", "--n-embd"), ("train", "--grad-clip"), ("train", "--context-steps"),
     ("evolve", "--population"), ("evolve", "--sigma"), ("evolve", "--generations"),
