@@ -58,6 +58,8 @@ class ExperimentConfig:
     """where cells/, report.{json,csv,md} and the plots go"""
     namm_dir: str = str(NAMM_DIR)
     """NAMM files: default.pt (zero-shot), default-mlp.pt, <task>.pt (evolved on it)"""
+    dt_dir: str = ""
+    """DT checkpoints <task>.pt (default: the shipped ones), e.g. other training seeds'"""
 
 
 FOLDERS = {"development": "cells", "confirmation": "confirm"}  # below cfg.out
@@ -75,8 +77,10 @@ def experiment_tasks(cfg: ExperimentConfig):
     if cfg.tasks:
         tasks = [resolve_task(task=name) for name in cfg.tasks.split(",")]
     else:
-        tasks = [t for t in all_tasks().values() if shipped_path(t.name).exists()]
-    missing = [t.name for t in tasks if not shipped_path(t.name).exists()]
+        tasks = [t for t in all_tasks().values() if dt_file(cfg, t.name).exists()]
+    missing = [t.name for t in tasks if not dt_file(cfg, t.name).exists()]
+    if missing and cfg.dt_dir:
+        raise UserError(f"no DT for {', '.join(missing)} in {cfg.dt_dir}; give another --dt-dir")
     if missing:
         raise UserError(f"no shipped DT for {', '.join(missing)}; train it with "
                         "scripts/build_suite.py --stages dts")
@@ -103,6 +107,10 @@ def experiment_tasks(cfg: ExperimentConfig):
 
 def namm_file(cfg: ExperimentConfig, name):
     return Path(cfg.namm_dir) / f"{name}.pt"
+
+
+def dt_file(cfg: ExperimentConfig, name):
+    return Path(cfg.dt_dir) / f"{name}.pt" if cfg.dt_dir else shipped_path(name)
 
 
 def planned_cells(task, cfg: ExperimentConfig):
@@ -158,7 +166,8 @@ def run(cfg: ExperimentConfig, backend=None):
     heuristics, whose matched budgets are the first phase's NAMM cells."""
     tasks = experiment_tasks(cfg)
     backend = backend or LocalBackend()
-    checkpoints = {task.name: Checkpoint.shipped(task.name) for task in tasks}
+    checkpoints = {task.name: Checkpoint.for_task(task, dt_file(cfg, task.name))
+                   for task in tasks}
     wanted = set(cfg.cells.split(",")) if cfg.cells else None
     done = {task.name: set() for task in tasks}
     for phase in (planned_cells, budgeted_cells):

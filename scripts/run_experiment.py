@@ -5,6 +5,8 @@
     python scripts/run_experiment.py --report --update-readme     # every shipped task
     python scripts/run_experiment.py --report-only                # re-make report and plots
     python scripts/run_experiment.py --backend ray --workers 8    # cells at once, on Ray
+    python scripts/run_experiment.py --dt-dir runs/dt-seed-1 --out results/seeds/dt-seed-1
+                                             # the same cells on other DTs (training seeds)
 
 Cells (see dtmem/experiment.py) go to results/cells/<task>/ (development block) or
 results/confirm/<task>/ (confirmation block); finished cells are kept, so an interrupted

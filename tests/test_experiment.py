@@ -76,3 +76,19 @@ def test_experiment_refuses_bad_config(setup):
                 {"cells": "recompte"}, {"cells": "window,tova@60"}):
         with pytest.raises(UserError):
             experiment.experiment_tasks(ExperimentConfig(**{**setup.__dict__, **bad}))
+
+
+def test_another_dt_folder_runs_its_own_dts(setup, tmp_path, hopper_dataset):
+    """--dt-dir: the same cells on other DTs (e.g. other training seeds), naming them."""
+    seed_one = tmp_path / "dt-seed-1"
+    assert main(["train", "--task", "hopper-medium", "--steps", "2", "--eval-every", "0",
+                 "--eval-episodes", "1", "--seed", "1", "--n-embd", "16", "--n-layer", "1",
+                 "--out", str(seed_one / "hopper-medium.pt")]) == 0
+    cfg = ExperimentConfig(**{**setup.__dict__, "dt_dir": str(seed_one), "cells": "recompute",
+                              "out": str(tmp_path / "seed-1")})
+    experiment.run(cfg)
+    cell = json.loads((tmp_path / "seed-1" / "cells" / "hopper-medium" / "recompute.json")
+                      .read_text())
+    assert cell["checkpoint_sha256"] == checkpoints.sha256(seed_one / "hopper-medium.pt")
+    with pytest.raises(UserError, match="--dt-dir"):
+        experiment.experiment_tasks(ExperimentConfig(**{**cfg.__dict__, "tasks": "hopper-expert"}))
