@@ -286,3 +286,19 @@ def test_what_a_newcomer_types(capsys, checkpoint, tmp_path, monkeypatch):
     assert main(["rollout", "--env", "Hopper-v5", "--policy", "namm-local",
                  "--checkpoint", str(checkpoint)]) == 2
     assert "no NAMM evolved on hopper-medium" in capsys.readouterr().err
+
+
+def test_compare_cells_pairs_two_files_by_seed_and_refuses_other_seeds(capsys, tmp_path,
+                                                                       checkpoint):
+    from scripts.compare_cells import main as compare
+
+    paths = {}
+    for name, argv in (("window", ["--policy", "window"]), ("recompute", []),
+                       ("later", ["--seed", "5"])):
+        paths[name] = str(tmp_path / f"{name}.json")
+        run(capsys, "rollout", "--task", "hopper-medium", "--episodes", "2", "--checkpoint",
+            str(checkpoint), "--json", paths[name], *argv)
+    assert compare([paths["window"], paths["recompute"]]) == 0
+    assert "vs recompute on the same seeds: gain" in capsys.readouterr().out
+    assert compare([paths["window"], paths["later"]]) == 2
+    assert one_line_error(2, capsys.readouterr().err)
