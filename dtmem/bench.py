@@ -206,9 +206,8 @@ def training_rates(cfg, batch_size=64, updates=20, seed=0, compiled=False):
     rows = []
     variants = [("fp32", False, False, False), ("fp32, fused AdamW", False, True, False),
                 ("bf16 autocast", True, False, False), ("bf16, fused AdamW", True, True, False)]
-    if compiled:
-        variants += [("fp32, torch.compile", False, False, True),
-                     ("bf16, fused, compile", True, True, True)]
+    if compiled:  # the fastest eager variant, compiled
+        variants.append(("bf16, fused, compile", True, True, True))
     for name, bf16, fused, compile_model in variants:
         torch.manual_seed(seed)
         model = DecisionTransformer(cfg).train()

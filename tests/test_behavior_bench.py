@@ -105,5 +105,5 @@ def test_bench_train_compiles_the_real_update_when_asked():
 
     rows, _ = training_rates(DTConfig(state_dim=11, act_dim=3, n_layer=1, n_embd=16),
                              batch_size=4, updates=1, compiled=True)
-    assert [name for name, _, _ in rows][-2:] == ["fp32, torch.compile", "bf16, fused, compile"]
+    assert rows[-1][0] == "bf16, fused, compile"
     assert all(rate > 0 for _, rate, _ in rows)

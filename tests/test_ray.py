@@ -90,9 +90,3 @@ def test_experiment_cells_are_the_same_on_ray(shipped, tmp_path, ray_backend):
     assert set(cells["ray"]) == {"recompute", "window", "full", "namm", f"h2o@{matched}"}
     assert cells["ray"] == cells["local"]
 
-
-def test_the_suite_on_ray_builds_what_one_process_builds(tmp_path, monkeypatch, ray_backend):
-    from tests.test_suite import assert_same_suite, built_suite
-
-    alone = built_suite(tmp_path / "one", monkeypatch)
-    assert_same_suite(alone, built_suite(tmp_path / "ray", monkeypatch, ray_backend))
