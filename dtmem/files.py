@@ -182,12 +182,20 @@ def relative_to_root(path):
         return str(path)
 
 
+ENTRY_POINTS = {Path(__file__).with_name(name) for name in ("cli.py", "__main__.py")}
+"""what sys.argv[0] is under `python -m dtmem` or `python -m dtmem.cli`: the dtmem command"""
+
+
 def command_line():
     """This process's command, with the repository's own paths made relative to it and an
-    installed console script (e.g. .../bin/dtmem) named by its name."""
+    installed console script (e.g. .../bin/dtmem) or `python -m dtmem` named dtmem."""
     program = Path(sys.argv[0])
-    words = [program.name if program.is_absolute() and relative_to_root(program) == str(program)
-             else relative_to_root(program)]
+    if program.resolve() in ENTRY_POINTS:
+        words = ["dtmem"]
+    elif program.is_absolute() and relative_to_root(program) == str(program):
+        words = [program.name]
+    else:
+        words = [relative_to_root(program)]
     return " ".join(words + [relative_to_root(a) if a.startswith("/") else a
                              for a in sys.argv[1:]])
 

@@ -6,6 +6,7 @@ preset (`tiny` in the test, so the handout cannot silently break)."""
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -51,31 +52,40 @@ def as_on_screen(output):
 
 def run_lab(work, preset="lab", parts=None, handout=HANDOUT, log=None):
     """Run the handout's parts in folder `work` (datasets in work/minari, as on a new
-    laptop); returns {part: wall seconds}. Each command's output is appended to `log`."""
+    laptop); returns {part: wall seconds}. Each command's output is appended to `log`.
+    The chosen parts start afresh, as a student's first run does: every part clears
+    work/lab/ and the log; some parts clear only their own work/lab/partN/ (later parts
+    still need Part 1's DT)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    for name in ("docs", "scripts"):  # the handout's paths are relative to the repository
-        if not (work / name).exists():
-            (work / name).symlink_to(ROOT / name)
-    env = {**os.environ, "MINARI_DATASETS_PATH": str(work / "minari")}
+    chosen = {part: commands for part, commands in sorted(handout_commands(handout).items())
+              if not parts or part in parts}
     log = Path(log or work / "lab-log.txt")
+    for old in ([work / "lab", log] if not parts else
+                [work / "lab" / f"part{part}" for part in chosen]):
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(work / "minari")}
     seconds = {}
-    for part, commands in sorted(handout_commands(handout).items()):
-        if parts and part not in parts:
-            continue
-        begin = time.perf_counter()
-        for line in commands:
-            done = subprocess.run(argv_of(line, preset), cwd=work, env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  check=False)
-            with log.open("a") as out:
-                out.write(f"\n$ {line}\n{as_on_screen(done.stdout)}")
-            if done.returncode != 0:
-                raise UserError(f"lab part {part}: `{line}` failed (exit {done.returncode}); "
-                                f"see {log}")
-        seconds[part] = time.perf_counter() - begin
-    for name in ("docs", "scripts"):
-        (work / name).unlink()
+    links = [work / name for name in ("docs", "scripts")]
+    for link in links:  # the handout's paths are relative to the repository
+        if not link.exists():
+            link.symlink_to(ROOT / link.name)
+    try:
+        for part, commands in chosen.items():
+            begin = time.perf_counter()
+            for line in commands:
+                done = subprocess.run(argv_of(line, preset), cwd=work, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      check=False)
+                with log.open("a") as out:
+                    out.write(f"\n$ {line}\n{as_on_screen(done.stdout)}")
+                if done.returncode != 0:
+                    raise UserError(f"lab part {part}: `{line}` failed (exit "
+                                    f"{done.returncode}); see {log}")
+            seconds[part] = time.perf_counter() - begin
+    finally:
+        for link in links:
+            link.unlink(missing_ok=True)
     return seconds
 
 
