@@ -200,6 +200,7 @@ def cmd_namm_ship(args):
 def cmd_namm_inspect(args):
     from dtmem import plots
     from dtmem.checkpoints import Checkpoint
+    from dtmem.files import relative_to_root
     from dtmem.memory import PolicySpec
     from dtmem.memory.namm import policy_for_file
     from dtmem.memory.namm.io import shipped_file
@@ -211,7 +212,8 @@ def cmd_namm_inspect(args):
     spec = PolicySpec(policy_for_file(path), options={"namm_file": path})
     fractions = plots.kept_tokens(Checkpoint.for_task(task, args.checkpoint), task, spec,
                                   args.seed)
-    print(f"{task.name}, one episode (seed {args.seed}), {path}: fraction of tokens kept")
+    print(f"{task.name}, one episode (seed {args.seed}), {relative_to_root(path)}: "
+          "fraction of tokens kept")
     print(plots.kept_table(fractions))
     if args.out:
         png = Path(args.out) / f"namm-kept-{task.name}.png"
