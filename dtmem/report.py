@@ -194,6 +194,52 @@ def report(development, confirmation, episodes, require_shipped=True):
     return headline(dev, conf, episodes), namm_vs_heuristics(dev, conf, episodes)
 
 
+def seed_spread(runs, episodes):
+    """Beyond env seeds: the same cells made by other training or evolution seeds. runs:
+    {run name: folder of cells of one env seed block}. Rows per (task, cell) present in
+    every run: each run's gain over the base with its paired CI, and whether the claim
+    holds across runs (every CI excludes zero, on the same side)."""
+    gains = {name: {(r["task"], r["cell"]): r
+                    for r in summarise(load_cells(folder, episodes, require_shipped=False),
+                                       episodes)}
+             for name, folder in runs.items()}
+    blocks = {row["seed"] for rows in gains.values() for row in rows.values()}
+    if len(blocks) > 1:
+        raise UserError("the runs' cells start at different env seeds "
+                        f"({', '.join(map(str, sorted(blocks)))}); compare one block")
+    common = sorted(set.intersection(*(set(rows) for rows in gains.values())),
+                    key=lambda key: (key[0], cell_order(key[1])))
+    rows = []
+    for task, cell in common:
+        if cell == BASE:
+            continue
+        per_run = {name: gains[name][(task, cell)] for name in runs}
+        sides = {side(r["gain_ci95"]) for r in per_run.values()}
+        rows.append({"task": task, "cell": cell,
+                     "gains": {name: [r["gain"], *r["gain_ci95"]] for name, r in per_run.items()},
+                     "holds": len(sides) == 1 and 0 not in sides,
+                     "direction": "gain" if sides == {1} else "loss" if sides == {-1} else None})
+    return rows
+
+
+def side(ci):
+    """+1 where a CI lies above zero, -1 below it, 0 where it covers zero."""
+    return 1 if ci[0] > 0 else -1 if ci[1] < 0 else 0
+
+
+def spread_markdown(rows, runs):
+    lines = ["| task | cell | " + " | ".join(runs) + " | holds across runs |",
+             "|---|---|" + "---|" * len(runs) + "---|"]
+    for row in rows:
+        gains = " | ".join("{:+.1f} [{:+.1f}, {:+.1f}]".format(*row["gains"][name])
+                           for name in runs)
+        holds = f"yes, a {row['direction']}" if row["holds"] else "no"
+        lines.append(f"| {row['task']} | {row['cell']} | {gains} | {holds} |")
+    return "\n".join(lines) + (f"\n\nGain over {BASE} with its 95% CI paired by env seed, "
+                                "per run; a claim holds across runs when every run's CI "
+                                "excludes zero on the same side (uncorrected).\n")
+
+
 def embed_in_readme(readme, marker, table, command, source):
     """Replace the README's generated block between <!-- marker --> and <!-- /marker -->
     with `table` and the command that made it; a README without the markers is left alone."""

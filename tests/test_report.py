@@ -100,3 +100,41 @@ def test_confirmation_cells_replace_development_ones_and_namms_meet_matched_heur
     assert [(c["namm"], c["heuristic"]) for c in report["namm_vs_heuristics"]] == [
         ("namm", f"streaming@{budget}")]
     assert "Is it the policy or the cache?" in (out / "report.md").read_text()
+
+
+def shifted_copy(cells, folder, full_minus_base):
+    """A copy of the cells whose `full` scores are recompute's plus a constant, so that
+    its gain and CI are exactly that constant."""
+    import shutil
+
+    shutil.copytree(cells, folder)
+    base = json.loads((folder / "recompute.json").read_text())
+    full = json.loads((folder / "full.json").read_text())
+    for mine, theirs in zip(full["episodes"], base["episodes"]):
+        mine["score"] = theirs["score"] + full_minus_base
+    (folder / "full.json").write_text(json.dumps(full))
+    return folder
+
+
+def test_seed_spread_says_which_claims_hold_across_runs(cells, tmp_path, capsys):
+    from scripts.seed_spread import main as spread
+
+    up = shifted_copy(cells, tmp_path / "up", 1.0)
+    up_again = shifted_copy(cells, tmp_path / "up-again", 2.0)
+    down = shifted_copy(cells, tmp_path / "down", -1.0)
+    out = tmp_path / "spread.md"
+    assert spread([f"a={up}", f"b={up_again}", "--episodes", "4", "--out", str(out)]) == 0
+    assert "| hopper-medium | full | +1.0 [+1.0, +1.0] | +2.0 [+2.0, +2.0] | yes, a gain |" \
+        in out.read_text()
+    assert spread([f"a={up}", f"b={down}", "--episodes", "4"]) == 0
+    assert "| +1.0 [+1.0, +1.0] | -1.0 [-1.0, -1.0] | no |" in capsys.readouterr().out
+    for path in down.glob("*.json"):  # the same cells, one env seed later: another block
+        later = json.loads(path.read_text())
+        later["seed"] += 1
+        for episode in later["episodes"]:
+            episode["seed"] += 1
+        path.write_text(json.dumps(later))
+    code = spread([f"a={up}", f"b={down}", "--episodes", "4"])
+    assert code == 2 and "compare one block" in capsys.readouterr().err
+    code = spread([f"a={up}", f"a={down}", "--episodes", "4"])
+    assert code == 2 and "distinct names" in capsys.readouterr().err
