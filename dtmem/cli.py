@@ -271,8 +271,12 @@ def cmd_bench(args):
     else:
         # The same 2 shards (so the same numbers) on 1 and on 2 worker processes.
         default, floor, results = bench.bench_generation(checkpoint, task)
-        print(f"one generation: 32 members x 2 episodes, {sum(r.length for r in results)} env "
-              f"steps; env stepping alone {floor:.1f} s")
+        from dtmem.evolve import EvolveConfig
+
+        recipe = EvolveConfig(stages=[[task.name]])
+        print(f"one generation of the recipe: {recipe.population} members x {recipe.episodes} "
+              f"episodes, {sum(r.length for r in results)} env steps; env stepping alone "
+              f"{floor:.1f} s")
         print(f"default (1 worker, 1 shard): {default:.1f} s = {default / floor:.2f}x env "
               "stepping (target at most 3)")
         runs = {workers: bench.bench_generation(checkpoint, task, workers=workers, shards=2)
