@@ -56,8 +56,9 @@ class ExperimentConfig:
     """episodes run in lockstep"""
     out: str = "results"
     """where cells/, report.{json,csv,md} and the plots go"""
-    namm_dir: str = str(NAMM_DIR)
-    """NAMM files: default.pt (zero-shot), default-mlp.pt, <task>.pt (evolved on it)"""
+    namm_dir: str = ""
+    """NAMM files default.pt (zero-shot), default-mlp.pt, <task>.pt (evolved on it)
+    (default: the shipped ones)"""
     dt_dir: str = ""
     """DT checkpoints <task>.pt (default: the shipped ones), e.g. other training seeds'"""
 
@@ -105,8 +106,12 @@ def experiment_tasks(cfg: ExperimentConfig):
     return tasks
 
 
+def namm_folder(cfg: ExperimentConfig):
+    return Path(cfg.namm_dir) if cfg.namm_dir else NAMM_DIR
+
+
 def namm_file(cfg: ExperimentConfig, name):
-    return Path(cfg.namm_dir) / f"{name}.pt"
+    return namm_folder(cfg) / f"{name}.pt"
 
 
 def dt_file(cfg: ExperimentConfig, name):
@@ -211,7 +216,7 @@ def report(cfg: ExperimentConfig, readme=None, plots=True):
                                             PolicySpec("namm", options={
                                                 "namm_file": namm_file(cfg, "default")}))
             figures.kept_heatmap(fractions, name, out / f"namm-kept-{name}.png")
-        logs = figures.evolution_logs(cfg.namm_dir)
+        logs = figures.evolution_logs(namm_folder(cfg))
         if logs:
             figures.evolution_curves(logs, out / "evolution.png")
     print(f"wrote {out}/report.json, report.csv, report.md" + (" and plots" if plots else ""))
