@@ -15,6 +15,7 @@ import torch
 from dtmem.backend import LocalBackend
 from dtmem.checkpoints import Checkpoint, shipped_path
 from dtmem.errors import UserError
+from dtmem.evolve import EvolveConfig, _evaluate_task, shards_of
 from dtmem.memory import POLICIES, PolicySpec
 from dtmem.memory.namm import DEFAULT_N_UP, policy_for_scorer
 from dtmem.memory.namm.scorers import SCORERS
@@ -159,18 +160,16 @@ def cache_bytes(model, slots, tokens):
     return 2 * cfg.n_layer * slots * tokens * cfg.n_embd * torch.finfo(torch.float32).bits // 8
 
 
-def bench_generation(checkpoint, task: Task, population=None, episodes=None, scorer="bam",
-                     n_up=DEFAULT_N_UP, workers=1, shards=1):
+def bench_generation(checkpoint, task: Task, population=EvolveConfig.population,
+                     episodes=EvolveConfig.episodes, scorer="bam", n_up=DEFAULT_N_UP, workers=1,
+                     shards=1):
     """Wall time of one evolution generation (members drawn as CMA-ES draws its first
     generation, in `shards` batched rollouts run by `workers` local processes) and the env
     floor of the same episodes. Population and episodes default to the recipe's own."""
-    from dtmem.evolve import EvolveConfig, _evaluate_task, shards_of
-
-    recipe = EvolveConfig(stages=[[task.name]])
-    population, episodes = population or recipe.population, episodes or recipe.episodes
     policy = policy_for_scorer(scorer)
     zero = np.zeros((1, SCORERS[scorer][1]))
-    members = np.random.default_rng(0).normal(0, recipe.sigma, (population, SCORERS[scorer][1]))
+    members = np.random.default_rng(0).normal(0, EvolveConfig.sigma,
+                                              (population, SCORERS[scorer][1]))
     with LocalBackend(workers) as backend:
         # The statistics' rollout, once per worker: the workers start and import before the
         # timed generation, as they have in a run after its first generation.

@@ -273,10 +273,9 @@ def cmd_bench(args):
         default, floor, results = bench.bench_generation(checkpoint, task)
         from dtmem.evolve import EvolveConfig
 
-        recipe = EvolveConfig(stages=[[task.name]])
-        print(f"one generation of the recipe: {recipe.population} members x {recipe.episodes} "
-              f"episodes, {sum(r.length for r in results)} env steps; env stepping alone "
-              f"{floor:.1f} s")
+        print(f"one generation of the recipe: {EvolveConfig.population} members x "
+              f"{EvolveConfig.episodes} episodes, {sum(r.length for r in results)} env steps; "
+              f"env stepping alone {floor:.1f} s")
         print(f"default (1 worker, 1 shard): {default:.1f} s = {default / floor:.2f}x env "
               "stepping (target at most 3)")
         runs = {workers: bench.bench_generation(checkpoint, task, workers=workers, shards=2)
