@@ -75,12 +75,14 @@ class Block(nn.Module):
         q, k, v = self.heads(x)
         cache.write(layer, k, v)
         span, split, long = reading
-        scores = q @ cache.layer_keys(layer, split).transpose(-1, -2)  # [E, H, n, split]
+        # keys @ q^T, not q @ keys^T: with n = 3 queries the former is a tall-skinny matmul
+        # that runs about 2x faster on CPU (measured at 256 slots x 400 positions).
+        scores = (cache.layer_keys(layer, split) @ q.transpose(-1, -2)).transpose(-1, -2)
         if long is not None:
             head, scores = scores, q.new_empty(q.shape[:3] + (span,))  # [E, H, n, S]
             scores[..., :split] = head
             tail_keys = cache.layer_keys(layer, span, split, long)
-            scores[long, ..., split:] = q[long] @ tail_keys.transpose(-1, -2)
+            scores[long, ..., split:] = (tail_keys @ q[long].transpose(-1, -2)).transpose(-1, -2)
         scores /= math.sqrt(q.shape[-1])
         seen = torch.arange(span, device=x.device)[None, None, :] <= pos[:, :, None]
         # Positions past a slot's length are invalid, so this also hides what the split
