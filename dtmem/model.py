@@ -91,10 +91,15 @@ class Block(nn.Module):
         scores.masked_fill_(~allowed[:, None], torch.finfo(scores.dtype).min)
         probs = scores.softmax(-1)
         rows = probs[:, :, -1:] if last_query_only else probs
-        y = rows[..., :split] @ cache.layer_values(layer, split)  # [E, H, n, D]
+        # MKL runs rows @ values about 1.5x faster with 4 query rows than with 3 (17.0
+        # against 11.4 ms at 256 slots x 400 positions), so zero rows pad them to a
+        # multiple of 4 and are cut off the product.
+        n = rows.shape[2]
+        rows = F.pad(rows, (0, 0, 0, -n % 4))
+        y = (rows[..., :split] @ cache.layer_values(layer, split))[:, :, :n]  # [E, H, n, D]
         if long is not None:
             tail_values = cache.layer_values(layer, span, split, long)
-            y.index_add_(0, long, rows[long, ..., split:] @ tail_values)
+            y.index_add_(0, long, (rows[long, ..., split:] @ tail_values)[:, :, :n])
         return self.finish(x[:, -1:] if last_query_only else x, y), probs
 
 
