@@ -174,12 +174,13 @@ def _read_git_commit():
 
 
 def relative_to_root(path):
-    """A path as results and metas record it: relative to the repository when inside it,
-    so that nothing committed names a directory of the machine that made it."""
-    try:
-        return str(Path(path).resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
+    """A path as results and metas record it: relative to the repository when inside it or
+    beside it (the workspace's ../runs, ../shared), so that nothing committed names a
+    directory of the machine that made it. Paths elsewhere are kept as given."""
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(ROOT.parent):
+        return os.path.relpath(resolved, ROOT)
+    return str(path)
 
 
 ENTRY_POINTS = {Path(__file__).with_name(name) for name in ("cli.py", "__main__.py")}

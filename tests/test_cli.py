@@ -52,6 +52,20 @@ def test_rollout_every_base_policy_writes_results_with_provenance(capsys, tmp_pa
     assert all(e["max_tokens"] <= 3 * 20 for e in result["episodes"]) or policy == "full"
 
 
+def test_provenance_names_paths_in_and_beside_the_repository_relative_to_it(monkeypatch):
+    """A command given absolute paths (the workspace's ../runs, the repository's data/)
+    is recorded without the machine's directories; paths elsewhere are kept as given."""
+    from dtmem.files import command_line
+    from dtmem.tasks import ROOT
+
+    monkeypatch.setattr(sys, "argv", [
+        str(ROOT / "scripts" / "build_suite.py"), "--runs", str(ROOT.parent / "runs"),
+        "--checkpoint", str(ROOT / "data" / "checkpoints" / "hopper-medium.pt"),
+        "--json", "/nonexistent-elsewhere/r.json"])
+    assert command_line() == ("scripts/build_suite.py --runs ../runs --checkpoint "
+                              "data/checkpoints/hopper-medium.pt --json /nonexistent-elsewhere/r.json")
+
+
 def test_same_seed_same_numbers_and_slots_do_not_matter_for_recompute(capsys, tmp_path, checkpoint):
     returns = []
     for slots in ("1", "3", "3"):
