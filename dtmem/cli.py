@@ -193,7 +193,7 @@ def cmd_namm_import(args):
 def cmd_namm_ship(args):
     from dtmem.evolve import ship
 
-    for path in ship(args.run, args.name):
+    for path in ship(args.run, args.name, overwrite=args.overwrite):
         print(f"wrote {path}")
 
 

@@ -124,6 +124,8 @@ def make_parser():
     ship.add_argument("run", help="the run directory of `dtmem evolve --out`")
     ship.add_argument("--as", dest="name", required=True,
                       help="the NAMM's name: default, default-mlp, or the task it was evolved on")
+    ship.add_argument("--overwrite", action="store_true",
+                      help="replace a NAMM already shipped under that name")
     ins = namm_commands.add_parser("inspect", help="which tokens a NAMM keeps over an episode")
     ins.add_argument("namm", nargs="?", help="NAMM file (default: the shipped one)")
     add_task_flags(ins)

@@ -36,12 +36,12 @@ from dtmem.limits import check
 from dtmem.memory import PolicySpec
 from dtmem.memory.namm import DEFAULT_N_UP, policy_for_scorer
 from dtmem.memory.namm.features import HOP, merge_stats
-from dtmem.memory.namm.io import SHIPPED_DIR, save_namm
+from dtmem.memory.namm.io import SHIPPED_DIR, read_namm, save_namm
 from dtmem.memory.namm.scorers import SCORERS
 from dtmem.results import build_policy
 from dtmem.rollout import rollout
 from dtmem.runtime import progress_bar
-from dtmem.tasks import resolve_task
+from dtmem.tasks import all_tasks, resolve_task
 
 
 @dataclass
@@ -306,25 +306,63 @@ def _evaluate_task(task, checkpoint, policy_name, n_up, stats, member_params, ep
     return scores, results, policy.stats
 
 
-def ship(run_dir, name, folder=None):
+ZERO_SHOT_SCORERS = {"default": "bam", "default-mlp": "mlp"}  # shipped zero-shot NAMMs
+
+
+def ship(run_dir, name, folder=None, overwrite=False):
     """Ship a finished run as NAMM `name`: best.pt (the declared choice: the best-validated
     CMA-ES mean of the last stage, as the original code keeps its checkpoint) as
     <name>.pt, latest.pt (the final mean, the paper's solution) as <name>-final.pt, and
-    log.csv as <name>-log.csv, in data/namm/ (or folder)."""
+    log.csv as <name>-log.csv, in data/namm/ (or folder). Everything is checked before
+    anything is copied; a shipped NAMM is replaced only with overwrite."""
     run_dir, folder = Path(run_dir), Path(folder or SHIPPED_DIR)
     try:
         state = json.loads((run_dir / "state.json").read_text())
-        total = state["config"]["generations"] * len(state["config"]["stages"])
+        cfg = EvolveConfig(**state["config"])
+        total = cfg.generations * len(cfg.stages)
+        done = len(state["history"])
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{run_dir} holds no readable evolution run (state.json)") from None
-    if len(state["history"]) < total:
-        raise UserError(f"{run_dir} has run {len(state['history'])} of {total} generations; "
+    if done < total:
+        raise UserError(f"{run_dir} has run {done} of {total} generations; "
                         f"finish it with `dtmem evolve --resume {run_dir}` first")
-    for source, target in (("best.pt", f"{name}.pt"), ("latest.pt", f"{name}-final.pt"),
-                           ("log.csv", f"{name}-log.csv")):
-        with atomic_path(folder / target) as tmp:
+    check_ship_name(name, cfg)
+    for source in ("best.pt", "latest.pt"):
+        scorer = read_namm(run_dir / source)["scorer"]
+        if scorer != cfg.scorer:
+            raise UserError(f"{run_dir / source} holds a {scorer} NAMM but the run evolved "
+                            f"{cfg.scorer}; restore the run's own files")
+    if not (run_dir / "log.csv").is_file():
+        raise UserError(f"{run_dir / 'log.csv'} does not exist; restore the run's log")
+    targets = {source: folder / f"{name}{suffix}" for source, suffix in
+               (("best.pt", ".pt"), ("latest.pt", "-final.pt"), ("log.csv", "-log.csv"))}
+    present = [str(t) for t in targets.values() if t.exists()]
+    if present and not overwrite:
+        raise UserError(f"NAMM {name} is already shipped ({', '.join(present)}); pass "
+                        "--overwrite to replace it")
+    for source, target in targets.items():
+        with atomic_path(target) as tmp:
             shutil.copyfile(run_dir / source, tmp)
-    return [folder / f"{name}{suffix}" for suffix in (".pt", "-final.pt", "-log.csv")]
+    return list(targets.values())
+
+
+def check_ship_name(name, cfg: EvolveConfig):
+    """A shipped NAMM's name says what it is: a zero-shot NAMM of its scorer, or the BAM
+    NAMM evolved on exactly that task (the table's namm-local)."""
+    if name in ZERO_SHOT_SCORERS:
+        if cfg.scorer != ZERO_SHOT_SCORERS[name]:
+            raise UserError(f"--as {name} is the zero-shot {ZERO_SHOT_SCORERS[name]} NAMM but "
+                            f"the run evolved {cfg.scorer}")
+        return
+    tasks = all_tasks()
+    if name not in tasks:
+        raise UserError(f"--as {name!r} is no NAMM name: use default, default-mlp or a task "
+                        f"({', '.join(tasks)})")
+    if cfg.scorer != "bam" or any(stage != [name] for stage in cfg.stages):
+        sources = sorted({task for stage in cfg.stages for task in stage})
+        raise UserError(f"--as {name} is the BAM NAMM evolved on {name} alone, but the run "
+                        f"evolved {cfg.scorer} on {', '.join(sources)}; ship it as default "
+                        "or default-mlp")
 
 
 def sweep_summary(folder):

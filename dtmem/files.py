@@ -193,10 +193,10 @@ def command_line():
     program = Path(sys.argv[0])
     if program.resolve() in ENTRY_POINTS:
         words = ["dtmem"]
-    elif program.is_absolute() and relative_to_root(program) == str(program):
-        words = [program.name]
-    else:
+    elif program.resolve().is_relative_to(ROOT):  # one of the repository's scripts
         words = [relative_to_root(program)]
+    else:  # an installed console script, wherever its environment lives
+        words = [program.name]
     return " ".join(words + [relative_to_root(a) if a.startswith("/") else a
                              for a in sys.argv[1:]])
 

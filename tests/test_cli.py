@@ -64,6 +64,9 @@ def test_provenance_names_paths_in_and_beside_the_repository_relative_to_it(monk
         "--json", "/nonexistent-elsewhere/r.json"])
     assert command_line() == ("scripts/build_suite.py --runs ../runs --checkpoint "
                               "data/checkpoints/hopper-medium.pt --json /nonexistent-elsewhere/r.json")
+    # A console script installed in a virtual environment beside the repository.
+    monkeypatch.setattr(sys, "argv", [str(ROOT.parent / "venv" / "bin" / "dtmem"), "list"])
+    assert command_line() == "dtmem list"
 
 
 def test_same_seed_same_numbers_and_slots_do_not_matter_for_recompute(capsys, tmp_path, checkpoint):

@@ -298,6 +298,48 @@ def test_damaged_state_is_refused(capsys, evolved, damage, needle):
     refused(capsys, ["evolve", "--resume", evolved, "--generations", "2"], needle)
 
 
+def swap_scorer(path):
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "scorer": "mlp"}, path)
+
+
+@pytest.mark.parametrize("name, damage, needle", [
+    ("../../elsewhere", None, "is no NAMM name"),
+    ("no-such-task", None, "is no NAMM name"),
+    ("walker2d-expert", None, "evolved on walker2d-expert alone, but the run evolved bam on "
+     "hopper-medium"),
+    ("default-mlp", None, "zero-shot mlp NAMM but the run evolved bam"),
+    ("default", lambda run: (run / "best.pt").write_text("not torch"), "is corrupt"),
+    ("default", lambda run: swap_scorer(run / "latest.pt"), "holds a mlp NAMM"),
+    ("default", lambda run: (run / "log.csv").unlink(), "log.csv does not exist"),
+])
+def test_shipping_checks_the_name_and_the_files_first(capsys, tmp_path, evolved, monkeypatch,
+                                                      name, damage, needle):
+    from dtmem import evolve
+
+    monkeypatch.setattr(evolve, "SHIPPED_DIR", tmp_path / "namm")
+    if damage:
+        damage(evolved)
+    capsys.readouterr()
+    refused(capsys, ["namm", "ship", evolved, "--as", name], needle)
+    assert not (tmp_path / "namm").exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_shipping_replaces_a_shipped_namm_only_when_asked(capsys, tmp_path, evolved,
+                                                          monkeypatch):
+    from dtmem import evolve
+
+    monkeypatch.setattr(evolve, "SHIPPED_DIR", tmp_path / "namm")
+    assert main(["namm", "ship", str(evolved), "--as", "hopper-medium"]) == 0
+    (tmp_path / "namm" / "hopper-medium-log.csv").write_text("an older run's log")
+    capsys.readouterr()
+    refused(capsys, ["namm", "ship", evolved, "--as", "hopper-medium"], "--overwrite")
+    assert (tmp_path / "namm" / "hopper-medium-log.csv").read_text() == "an older run's log"
+    assert main(["namm", "ship", str(evolved), "--as", "hopper-medium", "--overwrite"]) == 0
+    assert (tmp_path / "namm" / "hopper-medium-log.csv").read_bytes() == \
+        (evolved / "log.csv").read_bytes()
+
+
 def test_ctrl_c_on_evolve_says_what_was_saved(capsys, tmp_path, evolved, monkeypatch):
     from dtmem import evolve
 
