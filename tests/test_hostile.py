@@ -82,6 +82,26 @@ def test_output_locations_are_checked_first(capsys, tmp_path, command, where, ne
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file"]
 
 
+# 3b. Policy settings (--set NAME=VALUE) of the wrong type or range, refused before any episode.
+@pytest.mark.parametrize("policy, setting, needle", [
+    ("streaming", "sinks=abc", "setting sinks must be a whole number, got 'abc'"),
+    ("streaming", "sinks=2.5", "setting sinks must be a whole number"),
+    ("streaming", "sinks=-5", "sinks must be from 0"),
+    ("streaming", "sinks=100000", "sinks must be from 0"),
+    ("h2o", "pyramid=nan", "setting pyramid must be a finite number"),
+    ("h2o", "pyramid=NaN", "setting pyramid must be a finite number"),
+    ("h2o", "budget=30", "give budget as --budget"),
+    ("random", "seed=-1", "seed must be from 0"),
+    ("snapkv", "pooling=3", "setting pooling must be text"),
+    ("namm", "n_up=abc", "setting n_up must be a whole number"),
+])
+def test_policy_settings_of_the_wrong_type_or_range(capsys, tmp_path, checkpoint, policy,
+                                                    setting, needle):
+    refused(capsys, ["rollout", "--episodes", "1", "--checkpoint", checkpoint, "--policy", policy,
+                     "--set", setting, "--json", tmp_path / "r.json"], needle)
+    assert not (tmp_path / "r.json").exists()
+
+
 # 4. Well-formed files with the wrong contents.
 def damaged_checkpoint(checkpoint, path, damage):
     payload = torch.load(checkpoint, weights_only=True)

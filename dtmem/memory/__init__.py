@@ -10,7 +10,9 @@ the new tokens (a_{t-1}, R_t, s_t) were decoded; the policy marks tokens with
 import importlib
 import importlib.util
 import math
+import os
 import pkgutil
+import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
@@ -210,6 +212,24 @@ def check_budget(budget, ratio, max_tokens):
         raise UserError(f"--ratio must be in (0, 1], got {ratio}")
 
 
+def check_setting_type(policy, setting, value):
+    """A policy setting's value must be of its field's type: a whole number for an int, a
+    finite number for a float (e.g. `--set sinks=abc` is refused before any episode)."""
+    kinds = [kind for kind in typing.get_args(setting.type) or (setting.type,)]
+    if value is None and type(None) in kinds:
+        return
+    for kind in kinds:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if (kind is int and number and isinstance(value, int)
+                or kind is float and number and math.isfinite(value)
+                or kind is str and isinstance(value, os.PathLike)  # a file's path
+                or kind not in (int, float, type(None)) and isinstance(value, kind)):
+            return
+    wanted = " or ".join({int: "a whole number", float: "a finite number", str: "text"}.get(
+        kind, kind.__name__) for kind in kinds if kind is not type(None))
+    raise UserError(f"policy {policy!r}: setting {setting.name} must be {wanted}, got {value!r}")
+
+
 @dataclass
 class PolicySpec:
     """A memory policy by name with its settings: the one place where policies are made."""
@@ -242,12 +262,18 @@ class PolicySpec:
         cls = self.policy_class
         if (self.budget is not None or self.ratio is not None) and not cls.takes_budget:
             raise UserError(f"policy {self.name!r} takes no --budget or --ratio")
-        settings = {f.name for f in fields(cls) if f.init} - {"context_steps", "max_tokens",
-                                                                  "task"}
-        unknown = sorted(set(self.options) - settings)
+        settings = {f.name: f for f in fields(cls) if f.init
+                    and f.name not in ("context_steps", "max_tokens", "task", "budget", "ratio")}
+        sizes_given = sorted({"budget", "ratio"} & set(self.options))
+        if sizes_given:
+            raise UserError(f"give {', '.join(sizes_given)} as --{sizes_given[0]}, not as a "
+                            "policy setting")
+        unknown = sorted(set(self.options) - set(settings))
         if unknown:
             raise UserError(f"policy {self.name!r} has no setting {', '.join(unknown)}; its "
                             f"settings: {', '.join(sorted(settings)) or 'none'}")
+        for name, value in self.options.items():
+            check_setting_type(self.name, settings[name], value)
         sizes = {"budget": self.budget, "ratio": self.ratio} if cls.takes_budget else {}
         return cls(context_steps=context_steps, max_tokens=max_tokens, task=task, **sizes,
                    **self.options)

@@ -2,6 +2,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dtmem.errors import UserError
+from dtmem.limits import SEED_MAX
 from dtmem.memory import ScoredPolicy, register
 
 
@@ -20,6 +22,8 @@ class Random(ScoredPolicy):
 
     def __post_init__(self):
         super().__post_init__()
+        if not 0 <= self.seed <= SEED_MAX:
+            raise UserError(f"random: seed must be from 0 to {SEED_MAX}, got {self.seed}")
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def score(self, cache, timestep, attention):
