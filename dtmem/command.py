@@ -21,6 +21,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def script_parser(doc):
+    """The parser of a script in scripts/: its module docstring as --help, kept as written,
+    and bad flags in one line."""
+    return Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def field_docs(cls):
     """The docstring under each field of a dataclass (CleanRL style), for --help."""
     body = ast.parse(inspect.getsource(cls)).body[0].body

@@ -369,21 +369,28 @@ def sweep_summary(folder):
     """The table of a sweep of short evolution runs (one state.json copy per setting, e.g.
     results/n-up-sweep/), written to summary.md in the same folder."""
     folder = Path(folder)
-    runs = sorted(((path, json.loads(path.read_text())) for path in folder.glob("*.json")),
-                  key=lambda path_run: path_run[1]["config"]["n_up"])
-    if not runs:
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; give the sweep's folder of run files")
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            run = json.loads(path.read_text())
+            history = run["history"][-5:]
+            evals = [f"g{h['generation']}: {h['mean_eval']:.1f}" for h in run["history"]
+                     if h["mean_eval"] is not None]
+            rows.append((run["config"]["n_up"],
+                         f"| {path.stem} | {run['config']['n_up']} | "
+                         f"{np.mean([h['mean'] for h in history]):.1f} | {', '.join(evals)} | "
+                         f"{np.mean([h['mean_tokens'] for h in history]):.0f} | "
+                         f"{sum(h['wall'] for h in run['history']):.0f} |"))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is not an evolution run's state.json ({type(e).__name__}: "
+                            f"{e}); move it out of {folder}") from None
+    if not rows:
         raise UserError(f"no run files (*.json) in {folder}")
     lines = ["| run | n_up | population mean, last 5 generations | CMA-ES mean evaluations "
              "| cache tokens, last 5 | wall s |", "|---|---|---|---|---|---|"]
-    for path, run in runs:
-        history = run["history"][-5:]
-        evals = [f"g{h['generation']}: {h['mean_eval']:.1f}" for h in run["history"]
-                 if h["mean_eval"] is not None]
-        lines.append(
-            f"| {path.stem} | {run['config']['n_up']} | "
-            f"{np.mean([h['mean'] for h in history]):.1f} | {', '.join(evals)} | "
-            f"{np.mean([h['mean_tokens'] for h in history]):.0f} | "
-            f"{sum(h['wall'] for h in run['history']):.0f} |")
+    lines += [row for _, row in sorted(rows, key=lambda row: row[0])]
     table = "\n".join(lines) + "\n"
     with atomic_path(folder / "summary.md") as tmp:
         tmp.write_text(table)

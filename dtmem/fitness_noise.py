@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dtmem.errors import UserError
 from dtmem.evolve import Evolution, EvolveConfig
 from dtmem.files import (
     ensure_writable,
@@ -129,9 +130,17 @@ def markdown(folder):
     """One table over every population of the study in folder."""
     lines = ["| population | episodes per member | noise SD | member spread SD | "
              "rank agreement | elite overlap |", "|---|---|---|---|---|---|"]
-    for path in sorted(Path(folder).glob("*.json")):
-        for r in json.loads(path.read_text())["summary"]:
-            lines.append(f"| {path.stem} | {r['episodes']} | {r['noise_sd']:.1f} | "
-                         f"{r['spread_sd']:.1f} | {r['rank_agreement']:.2f} | "
-                         f"{r['elite_overlap']:.2f} |")
+    paths = sorted(Path(folder).glob("*.json"))
+    if not paths:
+        raise UserError(f"no populations (*.json) in {folder}; run one first, e.g. "
+                        "scripts/fitness_noise.py --task hopper-medium")
+    for path in paths:
+        try:
+            for r in json.loads(path.read_text())["summary"]:
+                lines.append(f"| {path.stem} | {r['episodes']} | {r['noise_sd']:.1f} | "
+                             f"{r['spread_sd']:.1f} | {r['rank_agreement']:.2f} | "
+                             f"{r['elite_overlap']:.2f} |")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is not a population of the study ({type(e).__name__}: "
+                            f"{e}); move it out of {folder}") from None
     return "\n".join(lines) + "\n"

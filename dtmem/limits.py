@@ -23,7 +23,7 @@ LIMITS = {
     # evolution (EvolveConfig, NoiseConfig); pycma needs a population of at least 4
     "generations": (int, 1, 100_000), "population": (int, 4, 10_000),
     "sigma": (float, 1e-6, 10.0), "n_up": (int, 16, 4096), "eval_mean_every": (int, 1, 100_000),
-    "mean_episodes": (int, 1, 10_000), "members": (int, 2, 10_000),
+    "mean_episodes": (int, 1, 10_000), "members": (int, 4, 10_000),
     # rollouts, datasets and the experiment
     "seed": (int, 0, SEED_MAX), "episodes": (int, 1, 100_000), "slots": (int, 1, 4096),
     "envs": (int, 1, 1024), "budget": (int, 3, BIG), "ratio": (float, 1e-6, 1.0),

@@ -9,19 +9,17 @@ and interrupted ones resume, so the job can span sessions. The envs are envs/*.t
     python scripts/build_suite.py --backend ray --address ADDR   # on a Ray cluster
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 from dtmem import suite
 from dtmem.backend import make_backend
-from dtmem.command import add_backend_flags, run_reporting_errors
+from dtmem.command import add_backend_flags, run_reporting_errors, script_parser
 from dtmem.tasks import ROOT
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__ + "\n" + suite.__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__ + "\n" + suite.__doc__.split("\n\n", 1)[1])
     parser.add_argument("--envs", help="comma-separated envs (default: every envs/*.toml)")
     parser.add_argument("--tasks", help="comma-separated tasks (default: all of --envs)")
     parser.add_argument("--stages", default=",".join(suite.STAGES),

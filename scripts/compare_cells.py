@@ -7,17 +7,15 @@ Prints the first cell as `dtmem rollout` does, then its gain over the second wit
 bootstrap CI paired by env seed (dtmem/results.py, `explain`).
 """
 
-import argparse
 import sys
 
-from dtmem.command import run_reporting_errors
+from dtmem.command import run_reporting_errors, script_parser
 from dtmem.errors import UserError
 from dtmem.results import explain, read_cell
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("cell", help="results file")
     parser.add_argument("base", help="results file of the same seeds, the gain's base")
     args = parser.parse_args(argv)

@@ -6,21 +6,19 @@ needs to rank NAMM candidates. One population per call; --table prints every one
     python scripts/fitness_noise.py --table
 """
 
-import argparse
 import sys
 from dataclasses import fields
 
 import torch
 
 from dtmem import fitness_noise
-from dtmem.command import add_dataclass_flags, run_reporting_errors
+from dtmem.command import add_dataclass_flags, run_reporting_errors, script_parser
 
 OUT = "results/fitness-noise"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     add_dataclass_flags(parser, fitness_noise.NoiseConfig)
     parser.add_argument("--out", default=OUT, help=f"results folder (default {OUT})")
     parser.add_argument("--table", action="store_true", help="print the table of --out")

@@ -6,19 +6,17 @@ Exit code 0 when every cell reproduces bit for bit, 1 when one does not (the fie
 differ and the largest score gap are printed), 2 on bad input.
 """
 
-import argparse
 import sys
 
 import torch
 
-from dtmem.command import run_reporting_errors
+from dtmem.command import run_reporting_errors, script_parser
 from dtmem.errors import UserError
 from dtmem.results import read_cell, reproduce
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("cells", nargs="+", help="results files")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as the cells were made: thread count changes float rounding

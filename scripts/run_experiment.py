@@ -15,7 +15,6 @@ results/report.{json,csv,md} and the plots (with the `plots` extra), and with
 --update-readme into the README's table; without, nothing committed is rewritten.
 """
 
-import argparse
 import sys
 from dataclasses import fields
 
@@ -26,14 +25,14 @@ from dtmem.command import (
     add_preset_flag,
     parse_with_preset,
     run_reporting_errors,
+    script_parser,
 )
 from dtmem.experiment import ExperimentConfig, report, run
 from dtmem.tasks import ROOT
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     add_dataclass_flags(parser, ExperimentConfig)
     parser.add_argument("--report", action="store_true",
                         help="after the rollouts, write the report (and plots)")

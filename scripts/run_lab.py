@@ -12,7 +12,7 @@ import argparse
 import shutil
 import sys
 
-from dtmem.command import run_reporting_errors
+from dtmem.command import run_reporting_errors, script_parser
 from dtmem.lab import LAB_DIR, handout_commands, record_times, run_lab
 
 
@@ -29,8 +29,7 @@ def part_numbers(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--parts", type=part_numbers,
                         help="comma-separated part numbers (default all)")
     parser.add_argument("--out", default=str(LAB_DIR / "expected"))

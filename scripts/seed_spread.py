@@ -12,7 +12,7 @@ paired CI and whether the claim holds across runs; --out also writes that table.
 import argparse
 import sys
 
-from dtmem.command import run_reporting_errors
+from dtmem.command import run_reporting_errors, script_parser
 from dtmem.errors import UserError
 from dtmem.files import atomic_path, ensure_writable
 from dtmem.limits import flag_type
@@ -28,8 +28,7 @@ def run_folder(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("runs", nargs="+", type=run_folder,
                         help="NAME=FOLDER of cells, 2 or more")
     parser.add_argument("--episodes", type=flag_type("episodes"), default=50,

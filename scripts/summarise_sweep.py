@@ -6,9 +6,12 @@ results/n-up-sweep/README.md) into summary.md in the same folder.
 
 import sys
 
-from dtmem.command import run_reporting_errors
+from dtmem.command import run_reporting_errors, script_parser
 from dtmem.evolve import sweep_summary
 
 if __name__ == "__main__":
-    folder = sys.argv[1] if len(sys.argv) > 1 else "results/n-up-sweep"
-    sys.exit(run_reporting_errors(lambda: print(sweep_summary(folder))))
+    parser = script_parser(__doc__)
+    parser.add_argument("folder", nargs="?", default="results/n-up-sweep",
+                        help="the sweep's folder of run files (default results/n-up-sweep)")
+    args = parser.parse_args()
+    sys.exit(run_reporting_errors(lambda: print(sweep_summary(args.folder))))

@@ -8,18 +8,16 @@ return (chosen by scripts/build_suite.py --stages policies).
     python scripts/train_behavior.py --env Hopper-v5 --out runs/behavior
 """
 
-import argparse
 import sys
 from dataclasses import fields
 
-from dtmem.command import add_dataclass_flags, run_reporting_errors
+from dtmem.command import add_dataclass_flags, run_reporting_errors, script_parser
 from dtmem.limits import flag_type
 from dtmem.ppo import PPORun, train
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     add_dataclass_flags(parser, PPORun, skip=("steps",))
     parser.add_argument("--steps", type=flag_type("steps"), help="total env steps, counting those before a "
                         "resume (default: the env's [behavior] steps)")

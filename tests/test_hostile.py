@@ -13,6 +13,7 @@ import torch
 
 from dtmem.cli import main
 from dtmem.limits import LIMITS
+from dtmem.tasks import ROOT
 
 
 def refused(capsys, argv, needle="", code=2):
@@ -447,3 +448,40 @@ def test_training_stops_at_the_first_non_finite_loss(capsys, tmp_path, monkeypat
                      tmp_path / "dt.pt"], "diverged at update 3")
     saved = read_checkpoint(tmp_path / "dt.pt")  # the last save, before the divergence
     assert saved["steps"] == 2 and all(torch.isfinite(w).all() for w in saved["model"].values())
+
+
+# 10. The scripts of scripts/ end as the dtmem command does: a bad flag in one line.
+SCRIPTS = sorted(p.name for p in (ROOT / "scripts").glob("*.py") if p.name != "evolve.py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_refuse_a_bad_flag_in_one_line(script):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--no-such-flag"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"{script}: error: unrecognized arguments: --no-such-flag" \
+        or "the following arguments are required" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def script_refused(script, *args, needle):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert needle in proc.stderr, proc.stderr
+
+
+def test_a_sweep_folder_with_a_file_that_is_no_run(tmp_path):
+    (tmp_path / "n_up-16.json").write_text('{"config": {"n_up": 16}}')
+    script_refused("summarise_sweep.py", tmp_path,
+                   needle="n_up-16.json is not an evolution run's state.json")
+    assert not (tmp_path / "summary.md").exists()
+
+
+def test_the_fitness_noise_study_refuses_what_it_cannot_run_or_print(tmp_path):
+    script_refused("fitness_noise.py", "--members", "2", needle="argument --members: must be an integer from 4")
+    script_refused("fitness_noise.py", "--table", "--out", tmp_path / "none",
+                   needle="no populations (*.json) in")
+    (tmp_path / "hopper-medium-start.json").write_text("{}")
+    script_refused("fitness_noise.py", "--table", "--out", tmp_path,
+                   needle="hopper-medium-start.json is not a population of the study")
