@@ -114,17 +114,43 @@ def update(model, optimizer, batch, grad_clip, bf16=False, device="cpu"):
     return loss
 
 
+def resumable(out, cfg: TrainConfig):
+    """The checkpoint at `out`, if training can resume from it with `cfg`."""
+    if not out.exists():
+        raise UserError(f"nothing to resume: {out} does not exist; drop --resume to start "
+                        "a new run")
+    saved = read_checkpoint(out)
+    state = saved["training_state"]
+    if state is None:
+        raise UserError(f"{out} holds no training state (shipped and imported checkpoints keep none); "
+                        "write to another --out")
+    now = asdict(cfg)
+    changed = [f"{k} {state['config'].get(k)!r} there, {v!r} now" for k, v in now.items()
+               if state["config"].get(k) != v]
+    if changed:
+        raise UserError(f"{out} was made with other settings ({'; '.join(changed)}); resume "
+                        "with its settings or write to another --out")
+    return saved
+
+
 def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, progress=True):
     """Train (or resume) and save the checkpoint at `out`. Returns the metrics history."""
     check(cfg)
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n-embd {cfg.n_embd} must be a multiple of --n-head {cfg.n_head}")
-    # Weights, gradients and AdamW's two moments: 4 copies of 12 L d^2 floats, plus
-    # activations of a batch (about 20 floats per token, width and layer).
+    # Weights, gradients and AdamW's two moments: 4 copies of 12 L d^2 floats; activations
+    # of a batch (about 20 floats per token, width and layer); and attention, quadratic in
+    # the window: with dropout, CPU attention keeps scores, probabilities, the dropout mask
+    # and their gradients, about 6 floats per query-key pair, head, layer and batch row.
+    tokens = 3 * cfg.context_steps
     check_memory(4 * 4 * 12 * cfg.n_layer * cfg.n_embd**2
-                 + 4 * 20 * cfg.batch_size * 3 * cfg.context_steps * cfg.n_embd * cfg.n_layer,
-                 f"a {cfg.n_layer}-layer, {cfg.n_embd}-wide DT at batch {cfg.batch_size}",
-                 "choose a smaller --n-embd, --n-layer or --batch-size")
+                 + 4 * 20 * cfg.batch_size * tokens * cfg.n_embd * cfg.n_layer
+                 + 4 * 6 * cfg.batch_size * cfg.n_head * tokens**2 * cfg.n_layer,
+                 f"a {cfg.n_layer}-layer, {cfg.n_embd}-wide DT of K = {cfg.context_steps} "
+                 f"at batch {cfg.batch_size}",
+                 "choose a smaller --context-steps, --n-embd, --n-layer or --batch-size")
+    out = Path(out)
+    saved = resumable(out, cfg) if resume else None  # before the dataset is read
     device = pick_device(device)
     task = resolve_task(task=cfg.task)
     eval_spec = PolicySpec(cfg.eval_policy)
@@ -149,13 +175,8 @@ def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, pr
         optimizer, lambda step: min(1.0, (step + 1) / cfg.warmup_steps))
     step, history, wall = 0, [], 0.0
 
-    out = Path(out)
-    if resume and out.exists():
-        saved = read_checkpoint(out)
+    if saved:
         state = saved["training_state"]
-        if state is None or state["config"] != asdict(cfg):
-            raise UserError(f"{out} was made with other settings; resume with the same "
-                            "settings or write to another --out")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])

@@ -56,6 +56,8 @@ def test_numbers_that_are_not_numbers(capsys, command, flag, value):
     (["rollout", "--policy", "full", "--episodes", "100000"], "GiB but only"),
     (["train", "--n-embd", "4096", "--n-layer", "48", "--out", "{tmp}/big.pt"], "GiB but only"),
     (["train", "--n-embd", "30", "--n-head", "4", "--out", "{tmp}/odd.pt"], "multiple of"),
+    (["train", "--context-steps", "1000", "--batch-size", "64", "--n-layer", "3", "--out",
+      "{tmp}/long.pt"], "GiB but only"),  # attention is quadratic in the window
     (["rollout", "--seed", "2147483640", "--episodes", "20"], "past the largest env seed"),
 ])
 def test_sizes_are_bounded(capsys, tmp_path, argv, needle):
@@ -274,6 +276,25 @@ def test_train_does_not_replace_a_checkpoint_unasked(capsys, tmp_path, checkpoin
     out.write_bytes(checkpoint.read_bytes())
     refused(capsys, ["train", "--steps", "1", "--out", out], "--resume")
     assert out.read_bytes() == checkpoint.read_bytes()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--resume", "--overwrite"], "not allowed with argument"),
+    (["--resume", "--out", "{tmp}/none.pt"], "nothing to resume"),
+    (["--resume", "--task", "walker2d-expert"],
+     "task 'hopper-medium' there, 'walker2d-expert' now"),  # no walker2d dataset is needed
+    (["--resume", "--batch-size", "8"], "batch_size 16 there, 8 now"),
+])
+def test_train_resumes_only_a_checkpoint_of_the_same_run(capsys, tmp_path, checkpoint, flags,
+                                                         needle):
+    out = tmp_path / "dt.pt"
+    out.write_bytes(checkpoint.read_bytes())
+    refused(capsys, ["train", "--steps", "30", "--n-layer", "2", "--n-embd", "32",
+                     "--eval-every", "0", "--eval-episodes", "2", "--checkpoint-every", "10",
+                     "--warmup-steps", "10", "--batch-size", "16", "--out", out,
+                     *[f.format(tmp=tmp_path) for f in flags]], needle)
+    assert out.read_bytes() == checkpoint.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dt.pt"]
 
 
 # 7. Interrupted and resumed evolution runs.
