@@ -63,17 +63,14 @@ def cmd_data_build(args):
 
 
 def cmd_train(args):
-    from dtmem.files import ensure_writable, lock
+    from dtmem.files import ensure_new_output, lock
     from dtmem.train import TrainConfig, train
 
     task = resolve_task(args.env, args.task)
     cfg = TrainConfig(task=task.name, **{f.name: getattr(args, f.name)
                                          for f in fields(TrainConfig) if f.name != "task"})
     out = args.out or f"runs/dt/{task.name}.pt"
-    ensure_writable(out)
-    if Path(out).exists() and not (args.resume or args.overwrite):
-        raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite "
-                        "to replace it")
+    ensure_new_output(out, args.resume or args.overwrite, "--resume to continue it or ")
     with lock(out):
         train(cfg, out, resume=args.resume, device=args.device, download=args.download)
 
@@ -167,8 +164,14 @@ def cmd_evolve(args):
 
 
 def cmd_report(args):
+    from dtmem.files import ensure_writable
     from dtmem.report import markdown, report, write_report
 
+    if args.confirm and not Path(args.confirm).is_dir():
+        raise UserError(f"--confirm {args.confirm} is not a folder; give the confirmation "
+                        "block's folder of results files")
+    if args.out:
+        ensure_writable(Path(args.out) / "report.json")
     confirm = args.confirm or Path(args.results).parent / "confirm"
     rows, comparisons = report(args.results, confirm, args.episodes,
                                require_shipped=not args.any_checkpoint)
@@ -179,9 +182,10 @@ def cmd_report(args):
 
 
 def cmd_namm_import(args):
-    from dtmem.files import provenance, relative_to_root
+    from dtmem.files import ensure_new_output, provenance, relative_to_root
     from dtmem.memory.namm.io import import_original, save_namm
 
+    ensure_new_output(args.out, args.overwrite)
     params, stats = import_original(args.checkpoint)
     save_namm(args.out, "bam", params, stats, args.n_up,
               {"source": f"imported from {relative_to_root(args.checkpoint)}",
@@ -200,14 +204,16 @@ def cmd_namm_ship(args):
 def cmd_namm_inspect(args):
     from dtmem import plots
     from dtmem.checkpoints import Checkpoint
-    from dtmem.files import relative_to_root
+    from dtmem.files import ensure_writable, relative_to_root
     from dtmem.memory import PolicySpec
     from dtmem.memory.namm import policy_for_file
     from dtmem.memory.namm.io import shipped_file
 
     task = resolve_task(args.env, args.task)
     path = args.namm or shipped_file("default")
-    if args.out:
+    png = args.out and Path(args.out) / f"namm-kept-{task.name}.png"
+    if png:
+        ensure_writable(png)
         plots.pyplot()  # the figure needs matplotlib: find out before the episode
     spec = PolicySpec(policy_for_file(path), options={"namm_file": path})
     fractions = plots.kept_tokens(Checkpoint.for_task(task, args.checkpoint), task, spec,
@@ -215,8 +221,7 @@ def cmd_namm_inspect(args):
     print(f"{task.name}, one episode (seed {args.seed}), {relative_to_root(path)}: "
           "fraction of tokens kept")
     print(plots.kept_table(fractions))
-    if args.out:
-        png = Path(args.out) / f"namm-kept-{task.name}.png"
+    if png:
         png.parent.mkdir(parents=True, exist_ok=True)
         plots.kept_heatmap(fractions, task.name, png)
         print(f"wrote {png}")

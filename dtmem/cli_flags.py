@@ -119,6 +119,7 @@ def make_parser():
     imp = namm_commands.add_parser("import", help="import a checkpoint of the original NAMM code")
     imp.add_argument("checkpoint", help="its torch file (CMA-ES state and normaliser buffers)")
     imp.add_argument("--out", required=True, help="the dtmem NAMM file to write")
+    imp.add_argument("--overwrite", action="store_true", help="replace the file at --out")
     imp.add_argument("--n-up", type=flag_type("n_up"), default=512,
                      help="tokens between updates (the LLM run used 512)")
     ship = namm_commands.add_parser("ship", help="ship a finished evolution run in data/namm/")

@@ -24,6 +24,7 @@ import torch
 from dtmem.backend import LocalBackend
 from dtmem.checkpoints import Checkpoint, shipped_path
 from dtmem.errors import UserError
+from dtmem.files import ensure_writable
 from dtmem.limits import check
 from dtmem.memory import POLICIES, PolicySpec, ScoredPolicy
 from dtmem.memory.namm.io import SHIPPED_DIR as NAMM_DIR
@@ -170,6 +171,8 @@ def run(cfg: ExperimentConfig, backend=None):
     process), in two phases, each one map: the planned cells of every task, then the
     heuristics, whose matched budgets are the first phase's NAMM cells."""
     tasks = experiment_tasks(cfg)
+    for task in tasks:  # every task's folder of cells is writable, before the first cell
+        ensure_writable(block_folder(cfg) / task.name / "recompute.json")
     backend = backend or LocalBackend()
     checkpoints = {task.name: Checkpoint.for_task(task, dt_file(cfg, task.name))
                    for task in tasks}

@@ -71,6 +71,14 @@ def atomic_path(path):
             os.unlink(tmp)
 
 
+def ensure_new_output(path, replace, other=""):
+    """ensure_writable, and an existing file at `path` is replaced only when asked
+    (`replace`, e.g. --overwrite; `other` names another way out, e.g. "--resume to ...")."""
+    ensure_writable(path)
+    if Path(path).exists() and not replace:
+        raise UserError(f"{path} already exists; pass {other}--overwrite to replace it")
+
+
 def ensure_writable(path, size=0):
     """Fail now, before any work, if `path` could not be written later: a directory in
     its place, a file where a folder should be, no permission, or less free space than

@@ -8,6 +8,7 @@ repository.
 """
 
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -170,6 +171,24 @@ def cell_name(cell):
                                               cell.get("ratio"), cell.get("settings", {}))
 
 
+EPISODE_NUMBERS = ("seed", "ret", "score", "mean_tokens", "max_tokens")  # what tables read
+
+
+def checked_cell(path):
+    """The cell of a results file that tables can read: every episode with a finite
+    seed, return, score and token counts; else a UserError."""
+    try:
+        cell = json.loads(Path(path).read_text())
+        cell["task"], cell_name(cell)
+        numbers = [float(e[key]) for e in cell["episodes"] for key in EPISODE_NUMBERS]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{path} is not a dtmem rollout results file") from None
+    if not all(map(math.isfinite, numbers)):
+        raise UserError(f"{path} holds a non-finite return, score or token count; rerun "
+                        "the cell")
+    return cell
+
+
 def load_cells(folder, episodes, require_shipped=True):
     """{task: {cell name: cell}} from every *.json below folder, checked: enough episodes,
     consecutive seeds (gains pair by seed), and by default the task's shipped DT."""
@@ -178,12 +197,8 @@ def load_cells(folder, episodes, require_shipped=True):
     if not paths:
         raise UserError(f"no results files in {folder}; make them with `dtmem rollout --json`")
     for path in paths:
-        try:
-            cell = json.loads(path.read_text())
-            task, name = cell["task"], cell_name(cell)
-            seeds = [e["seed"] for e in cell["episodes"]]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path} is not a dtmem rollout results file") from None
+        cell = checked_cell(path)
+        task, name, seeds = cell["task"], cell_name(cell), [e["seed"] for e in cell["episodes"]]
         if len(seeds) < episodes:
             raise UserError(f"{path}: {len(seeds)} episodes, fewer than the {episodes} asked; "
                             "rerun the cell")

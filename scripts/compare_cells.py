@@ -11,7 +11,7 @@ import sys
 
 from dtmem.command import run_reporting_errors, script_parser
 from dtmem.errors import UserError
-from dtmem.results import explain, read_cell
+from dtmem.results import checked_cell, explain
 
 
 def main(argv=None):
@@ -21,10 +21,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def work():
-        cells = [read_cell(path) for path in (args.cell, args.base)]
-        for path, cell in zip((args.cell, args.base), cells):
-            if cell is None:
-                raise UserError(f"{path} is not a readable results file")
+        cells = [checked_cell(path) for path in (args.cell, args.base)]
         seeds = [[e["seed"] for e in cell["episodes"]] for cell in cells]
         if seeds[0] != seeds[1]:
             raise UserError("the two cells ran different env seeds; a paired difference "

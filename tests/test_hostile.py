@@ -85,6 +85,59 @@ def test_output_locations_are_checked_first(capsys, tmp_path, command, where, ne
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file"]
 
 
+def original_namm(path, var=1.0):
+    """A checkpoint as the original code saves one: the CMA-ES mean and the buffers."""
+    prefix = "memory_policy.token_embedding.online_output_"
+    torch.save({"evolution_state": {"mean": torch.zeros(4172)},
+                "buffers": {prefix + "mean": torch.zeros(17), prefix + "var": torch.full((17,), var),
+                            prefix + "num": torch.tensor([10.0])}}, path)
+    return path
+
+
+@pytest.mark.parametrize("out, var, needle", [
+    ("a-dir", 1.0, "is a directory"),
+    ("a-file", 1.0, "already exists; pass --overwrite"),
+    ("new.pt", float("nan"), "non-finite values"),
+    ("new.pt", -1.0, "negative variances"),
+])
+def test_namm_import_checks_its_output_and_what_it_would_write(capsys, tmp_path, out, var,
+                                                               needle):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-dir").mkdir()
+    source = original_namm(tmp_path / "original.pt", var)
+    refused(capsys, ["namm", "import", source, "--out", tmp_path / out], needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file", "original.pt"]
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_namm_inspect_and_report_check_their_output_folders_first(capsys, tmp_path,
+                                                                 monkeypatch):
+    from dtmem import plots
+
+    (tmp_path / "a-file").write_text("x")
+    ran = []
+    monkeypatch.setattr(plots, "kept_tokens", lambda *args: ran.append(1))
+    refused(capsys, ["namm", "inspect", "--out", tmp_path / "a-file" / "figs"], "is a file")
+    assert not ran
+    refused(capsys, ["report", "--out", tmp_path / "a-file" / "rep"], "is a file")
+    assert capsys.readouterr().out == ""  # no table printed before the refusal
+    refused(capsys, ["report", "--confirm", tmp_path / "none"], "is not a folder")
+
+
+@pytest.mark.parametrize("key, value", [("score", float("nan")), ("ret", float("inf")),
+                                        ("mean_tokens", "many")])
+def test_tables_refuse_non_finite_episodes(capsys, tmp_path, key, value):
+    cell = json.loads((ROOT / "results/cells/hopper-medium/recompute.json").read_text())
+    cell["episodes"][7][key] = value
+    (tmp_path / "hopper-medium").mkdir()
+    (tmp_path / "hopper-medium" / "recompute.json").write_text(json.dumps(cell))
+    refused(capsys, ["report", "--results", tmp_path, "--any-checkpoint"],
+            "non-finite" if value != "many" else "is not a dtmem rollout results file")
+    script_refused("compare_cells.py", tmp_path / "hopper-medium" / "recompute.json",
+                   ROOT / "results/cells/hopper-medium/recompute.json",
+                   needle="recompute.json")
+
+
 # 3b. Policy settings (--set NAME=VALUE) of the wrong type or range, refused before any episode.
 @pytest.mark.parametrize("policy, setting, needle", [
     ("streaming", "sinks=abc", "setting sinks must be a whole number, got 'abc'"),
@@ -506,3 +559,9 @@ def test_the_fitness_noise_study_refuses_what_it_cannot_run_or_print(tmp_path):
     (tmp_path / "hopper-medium-start.json").write_text("{}")
     script_refused("fitness_noise.py", "--table", "--out", tmp_path,
                    needle="hopper-medium-start.json is not a population of the study")
+
+
+def test_the_experiment_checks_its_output_before_the_first_cell(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    script_refused("run_experiment.py", "--tasks", "hopper-medium", "--out",
+                   tmp_path / "a-file" / "exp", needle="is a file, not a folder")

@@ -23,6 +23,9 @@ def save_namm(path, scorer, params, stats, n_up, meta):
     payload = {"format": FORMAT, "scorer": scorer, "params": params.detach().cpu(),
                "stats_mean": mean.cpu(), "stats_var": var.cpu(), "stats_count": int(count),
                "n_up": n_up, "meta": meta}
+    problem = schema_problem(payload)  # e.g. an imported checkpoint's NaN statistics
+    if problem:
+        raise UserError(f"not writing the NAMM file {path}: {problem}")
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
