@@ -13,10 +13,16 @@ import torch
 
 from dtmem import __version__
 from dtmem.errors import UserError
-from dtmem.files import DISK_FULL, TMP_PREFIX, clean_stale_temporaries, git_commit
+from dtmem.files import (
+    DISK_FULL,
+    TMP_PREFIX,
+    clean_stale_temporaries,
+    ensure_writable,
+    git_commit,
+)
 from dtmem.limits import check_seeds, check_value
 from dtmem.runtime import progress_bar
-from dtmem.tasks import Task, make_env, shipped
+from dtmem.tasks import Task, all_tasks, make_env, shipped
 
 POLICIES_DIR = shipped("data") / "policies"
 
@@ -315,6 +321,23 @@ def default_dataset_id(task: Task, behavior_name):
     return f"{namespace}/{Path(behavior_name).stem}-v0"
 
 
+def check_new_dataset_id(dataset_id, task: Task):
+    """A build's id is a Minari id (namespace/name-vN) that no other task reads as its own
+    dataset (a hopper build named dtmem/walker2d/expert-v0 would shadow walker2d's)."""
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    try:
+        parse_dataset_id(dataset_id)
+    except (ValueError, TypeError):  # TypeError: Minari's parser on an id without -vN
+        raise UserError(f"--dataset {dataset_id!r} is not a Minari id; give one of the form "
+                        "namespace/name-v0, e.g. dtmem/hopper/random-v0") from None
+    owner = next((other for other in all_tasks().values() if other.env_id != task.env_id
+                  and dataset_id in (other.local_id, other.remote_id)), None)
+    if owner:
+        raise UserError(f"--dataset {dataset_id} is the dataset of {owner.name}, another env; "
+                        f"give an id of {task.env_id}'s own")
+
+
 def build_dataset(task: Task, behavior_name=None, steps=1_000_000, seed=0, n_envs=16,
                   overwrite=False, progress=True, dataset_id=None):
     """Collect episodes with a behaviour policy (default: the one of the task's quality)
@@ -325,6 +348,13 @@ def build_dataset(task: Task, behavior_name=None, steps=1_000_000, seed=0, n_env
     for name, value in (("steps", steps), ("envs", n_envs)):
         check_value(name, value)
     check_seeds(seed, steps)  # at most one episode per step
+    check_new_dataset_id(dataset_id, task)
+    try:
+        where = minari.storage.get_dataset_path(dataset_id)  # makes Minari's root folder
+    except OSError as e:
+        raise UserError(f"cannot make Minari's dataset folder: {e.strerror}; set "
+                        "MINARI_DATASETS_PATH to a writable folder") from None
+    ensure_writable(where / "data" / "main_data.hdf5")
     if is_local(dataset_id) and not overwrite:
         problem = dataset_problem(dataset_id)
         raise UserError(f"dataset {dataset_id} already exists"

@@ -286,6 +286,24 @@ def test_corrupt_datasets(capsys, tmp_path, own_minari_root, damage, needle):
     assert " present" not in hopper or damage in (nan_values, huge_values)
 
 
+@pytest.mark.parametrize("dataset, root, needle", [
+    ("bad id with spaces", "minari", "is not a Minari id"),
+    ("noversion", "minari", "is not a Minari id"),
+    ("dtmem/walker2d/expert-v0", "minari", "is the dataset of walker2d-expert"),
+    ("mujoco/ant/medium-v0", "minari", "is the dataset of ant-medium"),
+    ("dtmem/hopper/x-v0", "a-file/minari", "cannot make Minari's dataset folder"),
+])
+def test_a_build_checks_its_dataset_id_and_folder_before_collecting(
+        capsys, tmp_path, monkeypatch, dataset, root, needle):
+    from dtmem import data
+
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / root))
+    monkeypatch.setattr(data, "collect_episodes", lambda *args: pytest.fail("collected"))
+    refused(capsys, ["data", "build", "--steps", "200", "--dataset", dataset], needle)
+    assert not list(tmp_path.rglob("*.hdf5"))
+
+
 def test_an_interrupted_build_leaves_no_dataset_that_looks_present(capsys, tmp_path,
                                                                    monkeypatch):
     import minari
