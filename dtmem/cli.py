@@ -107,14 +107,23 @@ def cmd_rollout(args):
     options = dict(policy_setting(text) for text in args.set)
     spec = PolicySpec(args.policy, args.budget, args.ratio,
                       options | ({"namm_file": args.namm} if args.namm else {}))
+    if args.namm and "namm_file" not in {f.name for f in fields(spec.policy_class)}:
+        raise UserError(f"--namm gives a NAMM file, but policy {args.policy!r} reads none; "
+                        "use --policy namm or namm-mlp")
+    filmed = args.video_episodes or 1
+    if args.video_episodes and not args.video:
+        raise UserError("--video-episodes says how many episodes --video DIR films; give "
+                        "--video")
+    if args.video and filmed > args.episodes:
+        raise UserError(f"--video-episodes {filmed} is more than the {args.episodes} "
+                        "episodes run; film at most --episodes")
     if args.json:
         ensure_writable(args.json)
     checkpoint = Checkpoint.for_task(task, args.checkpoint, pick_device(args.device))
     with make_backend(args.backend, args.address, args.workers) as backend:
         sharding = {"shards": args.shards, "backend": backend}
         cell = run_cell(checkpoint, task, spec, args.episodes, args.seed, args.slots,
-                        args.target_return, video=args.video and (args.video,
-                                                                  args.video_episodes),
+                        args.target_return, video=args.video and (args.video, filmed),
                         **sharding)
         base = args.compare and run_cell(checkpoint, task, PolicySpec(args.compare),
                                          args.episodes, args.seed, args.slots,
@@ -150,6 +159,10 @@ def cmd_evolve(args):
             stages = [args.tasks.split(",")] + [stage.split(",") for stage in args.then]
             for task in {t for stage in stages for t in stage}:
                 resolve_task(task=task)
+            twice = next((stage for stage in stages if len(set(stage)) < len(stage)), None)
+            if twice:
+                raise UserError(f"a stage names a task twice ({','.join(twice)}); give each "
+                                "task once (its fitness would count double)")
             if (Path(args.out) / "state.json").exists():
                 raise UserError(f"{args.out} already holds a run; --resume it or choose "
                                 "another --out")

@@ -82,7 +82,7 @@ def make_parser():
     roll.add_argument("--json", help="write a results file with provenance here")
     roll.add_argument("--video", metavar="DIR", help="film the first episodes as MP4s in DIR "
                       "(needs the video extra; rendering costs about 0.1-0.2 s a frame)")
-    roll.add_argument("--video-episodes", type=flag_type("episodes"), default=1,
+    roll.add_argument("--video-episodes", type=flag_type("episodes"),
                       help="episodes filmed with --video (default 1)")
     roll.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_threads_flag(roll)

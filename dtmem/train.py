@@ -154,7 +154,7 @@ def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, pr
     device = pick_device(device)
     task = resolve_task(task=cfg.task)
     eval_spec = PolicySpec(cfg.eval_policy)
-    eval_spec.build(cfg.context_steps, 3 * task.max_episode_steps)  # a bad one fails now
+    eval_spec.build(cfg.context_steps, 3 * task.max_episode_steps, task.name)  # fails now
     dataset, dataset_id = find_dataset(task, download, cfg.dataset)
     reference = dataset_reference(dataset, dataset_id)
     if reference:  # scores against the dataset's own references, where it has them

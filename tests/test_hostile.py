@@ -158,6 +158,25 @@ def test_policy_settings_of_the_wrong_type_or_range(capsys, tmp_path, checkpoint
     assert not (tmp_path / "r.json").exists()
 
 
+# 3c. Flags that cannot go together, or say what the command would not do.
+@pytest.mark.parametrize("argv, needle", [
+    (["rollout", "--policy", "h2o", "--namm", "data/namm/default.pt"], "reads none"),
+    (["rollout", "--video-episodes", "2"], "give --video"),
+    (["rollout", "--episodes", "1", "--video", "{tmp}/v", "--video-episodes", "3"],
+     "more than the 1 episodes"),
+    (["evolve", "--tasks", "hopper-medium,hopper-medium", "--out", "{tmp}/run"],
+     "names a task twice"),
+    (["train", "--eval-policy", "namm-local", "--task", "hopper-expert", "--out", "{tmp}/dt.pt"],
+     "no NAMM evolved on hopper-expert ships"),
+])
+def test_flags_that_do_not_fit_together(capsys, tmp_path, monkeypatch, argv, needle):
+    from dtmem.memory.namm import io
+
+    monkeypatch.setattr(io, "SHIPPED_DIR", tmp_path / "no-namms")
+    refused(capsys, [a.format(tmp=tmp_path) for a in argv], needle)
+    assert not list(tmp_path.iterdir())
+
+
 # 4. Well-formed files with the wrong contents.
 def damaged_checkpoint(checkpoint, path, damage):
     payload = torch.load(checkpoint, weights_only=True)
