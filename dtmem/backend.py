@@ -120,6 +120,15 @@ class RayBackend(Backend):
             for future in futures:
                 ray.cancel(future, force=True)
             raise
+        except ray.exceptions.RayError as e:
+            if isinstance(e, ray.exceptions.RayTaskError):  # the job's own exception
+                raise
+            # Ray itself failed: a worker died past its retries, the raylet or a node
+            # was lost. Nothing of this map is kept; what callers saved before stays.
+            raise UserError(f"Ray failed while running jobs ({type(e).__name__}: a job's "
+                            f"worker died in each of its {self.RETRIES + 1} runs, or a node "
+                            "was lost); check the machine's memory or the cluster (`ray "
+                            "status`), then run the command again (evolve: --resume)") from None
 
     def close(self):
         if self.joined:  # leaves a cluster; stops a local Ray

@@ -15,6 +15,7 @@ pytest.importorskip("ray")
 
 from dtmem import evolve, experiment
 from dtmem.backend import LocalBackend, RayBackend
+from dtmem.errors import UserError
 from dtmem.memory.namm.io import save_namm
 from dtmem.memory.namm.scorers import SCORERS
 
@@ -70,6 +71,16 @@ def test_a_killed_ray_worker_is_retried_and_changes_nothing(shipped, tmp_path, r
     retried = evolved(ray_backend, tmp_path / "ray")
     assert (shipped / "a-worker-died").exists()
     assert_same_run(reference, retried)
+
+
+def always_dies(_):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_job_whose_worker_always_dies_ends_in_a_user_error(ray_backend, monkeypatch):
+    monkeypatch.setattr(ray_backend, "RETRIES", 0)  # Ray waits between retries: seconds each
+    with pytest.raises(UserError, match="WorkerCrashedError: a job's worker died in each of its 1 runs"):
+        ray_backend.map(always_dies, [(0,)])
 
 
 def test_experiment_cells_are_the_same_on_ray(shipped, tmp_path, ray_backend):
