@@ -245,7 +245,7 @@ def cmd_hf_import(args):
 
     task = resolve_task(task=args.task)
     meta = import_checkpoint(args.directory, task, args.out, args.state_stats,
-                             args.context_steps)
+                             args.context_steps, args.overwrite)
     for warning in meta["warnings"]:
         print(f"dtmem: warning: {warning}", file=sys.stderr)
     print(f"wrote {args.out}: {meta['source']} from {meta['hf_weights']} for {task.name}; "
@@ -255,7 +255,7 @@ def cmd_hf_import(args):
 def cmd_hf_export(args):
     from dtmem.hf import export_hf
 
-    directory = export_hf(args.checkpoint, args.out)
+    directory = export_hf(args.checkpoint, args.out, args.overwrite)
     print(f"wrote {directory}: config.json, model.safetensors (load with transformers' "
           "DecisionTransformerModel.from_pretrained) and dtmem.json (state statistics)")
 

@@ -142,8 +142,8 @@ def make_parser():
     hf_in.add_argument("directory", help="config.json plus model.safetensors or "
                        "pytorch_model.bin (nothing from it runs)")
     hf_in.add_argument("--task", required=True, help="the task it acts in, e.g. hopper-medium")
-    hf_in.add_argument("--out", required=True, help="the dtmem checkpoint to write (must not "
-                       "exist)")
+    hf_in.add_argument("--out", required=True, help="the dtmem checkpoint to write")
+    hf_in.add_argument("--overwrite", action="store_true", help="replace the file at --out")
     hf_in.add_argument("--state-stats", metavar="FILE", help='JSON {"state_mean": [...], '
                        '"state_std": [...]} (or .npz of those arrays): the state normaliser it '
                        "was trained with (default: the directory's dtmem.json, else mean 0, "
@@ -154,7 +154,9 @@ def make_parser():
     hf_out = hf_commands.add_parser("export", help="a dtmem checkpoint -> a "
                                     "DecisionTransformerModel directory")
     hf_out.add_argument("checkpoint", help="the dtmem checkpoint")
-    hf_out.add_argument("--out", required=True, help="the directory to write (must not exist)")
+    hf_out.add_argument("--out", required=True, help="the directory to write")
+    hf_out.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export at --out (never another folder)")
 
     bench = commands.add_parser("bench", help="throughput benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)

@@ -266,11 +266,34 @@ def test_export_errors_are_one_line_and_write_nothing(capsys, checkpoint, tmp_pa
     existing = tmp_path / "existing"
     existing.mkdir()
     code, _, err = run(capsys, "hf", "export", checkpoint, "--out", existing)
-    assert one_line_error(code, err) and "already exists" in err
+    assert one_line_error(code, err) and "already exists; pass --overwrite" in err
     assert list(existing.iterdir()) == []
+    (existing / "notes.txt").write_text("mine")  # a folder export did not write stays
+    code, _, err = run(capsys, "hf", "export", checkpoint, "--out", existing, "--overwrite")
+    assert one_line_error(code, err) and "not a directory written by dtmem hf export" in err
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+    (existing / "notes.txt").unlink()
     code, _, err = run(capsys, "hf", "export", tmp_path / "none.pt", "--out", tmp_path / "x")
     assert one_line_error(code, err) and "does not exist" in err
     assert not (tmp_path / "x").exists()
     code, _, err = run(capsys, "hf", "export", checkpoint)
     assert code == 2 and "--out" in err
     assert [p.name for p in tmp_path.iterdir()] == ["existing"]  # no temporary left behind
+
+
+def test_overwrite_replaces_an_earlier_export_and_import_whole(capsys, checkpoint, tmp_path):
+    """--overwrite swaps in a whole new export (nothing of the old one, no temporary left)
+    and a whole new checkpoint; without it both are refused (the tests above)."""
+    directory, back = tmp_path / "export", tmp_path / "back.pt"
+    assert run(capsys, "hf", "export", checkpoint, "--out", directory)[0] == 0
+    (directory / "stale.txt").write_text("from before")
+    code, _, err = run(capsys, "hf", "export", checkpoint, "--out", directory, "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        ["config.json", "model.safetensors", "dtmem.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    back.write_text("an older file")
+    code, _, err = run(capsys, "hf", "import", directory, "--task", "hopper-medium",
+                       "--out", back, "--overwrite")
+    assert code == 0, err
+    assert torch.equal(Checkpoint.load(back).state_mean, Checkpoint.load(checkpoint).state_mean)

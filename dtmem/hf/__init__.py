@@ -56,6 +56,7 @@ from dtmem.files import provenance, relative_to_root, sha256
 from dtmem.hf.layout import (
     CONFIG,
     DEFAULT_CONTEXT_STEPS,
+    EXPORT_FORMAT,
     N_POSITIONS,
     SAFETENSORS,
     SIDECAR,
@@ -159,16 +160,15 @@ def env_dims(task):
         env.close()
 
 
-def import_checkpoint(directory, task, out, state_stats=None, context_steps=None):
+def import_checkpoint(directory, task, out, state_stats=None, context_steps=None,
+                      overwrite=False):
     """`dtmem hf import`: check everything that can be checked before reading the weights
     (the output, the config, its fit to the task's env, the statistics file), then convert
     and save a dtmem checkpoint for `task`. Returns the import's meta."""
     from dtmem.checkpoints import save_checkpoint
-    from dtmem.files import ensure_writable
+    from dtmem.files import ensure_new_output
 
-    if Path(out).exists():
-        raise UserError(f"{out} already exists; choose another --out or delete it")
-    ensure_writable(out)
+    ensure_new_output(out, overwrite)
     cfg, _, _, _ = read_hf_config(directory)
     dims = env_dims(task)
     if (cfg.state_dim, cfg.act_dim) != dims:
@@ -183,16 +183,27 @@ def import_checkpoint(directory, task, out, state_stats=None, context_steps=None
     return meta
 
 
-def export_hf(checkpoint, directory):
+def is_export(directory):
+    """Whether `directory` holds what export_hf writes (so that --overwrite may replace it)."""
+    try:
+        return json.loads((Path(directory) / SIDECAR).read_text()).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def export_hf(checkpoint, directory, overwrite=False):
     """Write a dtmem checkpoint (a Checkpoint or its path) as a transformers
     DecisionTransformerModel directory: config.json, model.safetensors and dtmem.json
-    (the state normaliser, K and origin, which HF's format has no place for). The
-    directory must not exist; it appears whole or not at all."""
+    (the state normaliser, K and origin, which HF's format has no place for). It appears
+    whole or not at all; with overwrite it replaces an earlier export, never another folder."""
     from dtmem.checkpoints import Checkpoint
 
     directory = Path(directory)
-    if directory.exists():
-        raise UserError(f"{directory} already exists; choose another --out or delete it")
+    if directory.exists() and not overwrite:
+        raise UserError(f"{directory} already exists; pass --overwrite to replace it")
+    if directory.exists() and not is_export(directory):
+        raise UserError(f"{directory} is not a directory written by dtmem hf export; "
+                        "choose another --out")
     st = _safetensors()
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint.load(checkpoint)
@@ -214,7 +225,7 @@ def export_hf(checkpoint, directory):
                     "predict_return.weight": torch.zeros(1, C),
                     "predict_return.bias": torch.zeros(1)})
     sidecar = {
-        "format": "dtmem-hf-1",
+        "format": EXPORT_FORMAT,
         "note": "written by dtmem hf export; Hugging Face ignores this file. state_mean and "
                 "state_std normalise states before the model sees them: (s - mean) / std.",
         "state_mean": checkpoint.state_mean.float().tolist(),
@@ -223,6 +234,7 @@ def export_hf(checkpoint, directory):
         "task": checkpoint.task, "dataset_id": checkpoint.dataset_id, "steps": checkpoint.steps,
         "source_checkpoint_sha256": checkpoint.sha256,
     }
+    old = None  # where an earlier export waits while the new one takes its place
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
@@ -235,10 +247,19 @@ def export_hf(checkpoint, directory):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private
-        os.rename(tmp, directory)
+        if directory.exists():  # the earlier export moves aside only once the new one is whole
+            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
+            os.rename(directory, old / directory.name)
+        try:
+            os.rename(tmp, directory)
+        except OSError:
+            if old is not None:
+                os.rename(old / directory.name, directory)
+            raise
     except OSError as e:
         raise UserError(f"cannot write {directory}: {e.strerror}") from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return directory

@@ -16,6 +16,7 @@ BIN = "pytorch_model.bin"
 
 
 SIDECAR = "dtmem.json"  # what dtmem knows beyond HF's config: normaliser, K, origin
+EXPORT_FORMAT = "dtmem-hf-1"  # the sidecar's "format": marks a directory dtmem hf export wrote
 
 
 INSTALL = 'pip install "dtmem[hf]"'
