@@ -250,6 +250,15 @@ def test_damaged_namm_files(capsys, tmp_path, checkpoint, damage):
                      "--checkpoint", checkpoint, "--episodes", "1"], needle)
 
 
+@pytest.mark.parametrize("argv", [["namm", "inspect", "{missing}"],
+                                  ["rollout", "--policy", "namm", "--namm", "{missing}"]])
+def test_a_missing_namm_file_gets_a_remedy_every_command_can_follow(capsys, tmp_path, argv):
+    """The remedy names no flag: namm inspect, ship and fitness_noise --around have no --namm."""
+    argv = [a.format(missing=tmp_path / "none.pt") for a in argv]
+    err = refused(capsys, argv, "does not exist; give an existing one")
+    assert "--namm" not in err
+
+
 # 5. Corrupt datasets are reported as such by every command that reads them.
 @pytest.fixture
 def own_minari_root(tmp_path, monkeypatch):

@@ -32,7 +32,8 @@ def save_namm(path, scorer, params, stats, n_up, meta):
 
 def read_namm(path):
     """The file's dict, loaded safely and checked to be a dtmem NAMM file."""
-    payload = safe_load(path, "NAMM file", "evolve one with scripts/evolve.py or pass --namm")
+    payload = safe_load(path, "NAMM file", "give an existing one (the shipped ones are in "
+                        "data/namm/) or evolve one with scripts/evolve.py")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not a dtmem NAMM file; import an original checkpoint "
                         "with `dtmem namm import`")
