@@ -5,7 +5,8 @@ Per task, in two phases (the matched budgets need the NAMMs' cache sizes first);
 phase is one map of a backend (dtmem/backend.py) over every task's cells, which may run
 at once:
   1. recompute (the base of every gain), window, full;
-     namm        the zero-shot NAMM (<namm_dir>/default.pt, by default the shipped one);
+     namm        the zero-shot NAMM (<namm_dir>/default.pt, by default the shipped one),
+                 where present;
      namm-local  the NAMM evolved on this very task (<namm_dir>/<task>.pt), where present;
      namm-mlp    the MLP NAMM (<namm_dir>/default-mlp.pt), on the tasks of mlp_tasks;
   2. every heuristic at each of `budgets`: token counts, and `matched`: each NAMM's (namm,
@@ -92,9 +93,9 @@ def experiment_tasks(cfg: ExperimentConfig):
     for name in cfg.heuristics.split(","):
         if name not in POLICIES or not issubclass(POLICIES[name], ScoredPolicy):
             raise UserError(f"--heuristics: {name!r} is not a budgeted heuristic policy")
-    if not namm_file(cfg, "default").exists():
-        raise UserError(f"no zero-shot NAMM {namm_file(cfg, 'default')}; evolve one with "
-                        "scripts/evolve.py or pass --namm-dir")
+    if not any(namm_file(cfg, name).exists() for name in ["default", *(t.name for t in tasks)]):
+        raise UserError(f"no NAMM for these tasks in {namm_folder(cfg)} (default.pt or "
+                        "<task>.pt); evolve one with scripts/evolve.py or pass --namm-dir")
     if cfg.cells:  # a misspelt name would otherwise run nothing, silently
         planned = {spec.cell_name for task in tasks for spec in planned_cells(task, cfg)}
         heuristics = cfg.heuristics.split(",")
@@ -119,14 +120,18 @@ def dt_file(cfg: ExperimentConfig, name):
     return Path(cfg.dt_dir) / f"{name}.pt" if cfg.dt_dir else shipped_path(name)
 
 
+def namm_cells(cfg: ExperimentConfig, task):
+    """{cell label: NAMM file} of the NAMM cells whose file is there: namm (default.pt) and
+    namm-local (<task>.pt); a folder of other evolution seeds' NAMMs may hold only the latter."""
+    files = {"namm": namm_file(cfg, "default"), "namm-local": namm_file(cfg, task.name)}
+    return {label: path for label, path in files.items() if path.exists()}
+
+
 def planned_cells(task, cfg: ExperimentConfig):
     """The cells that need no budget, in running order."""
-    cells = [PolicySpec("recompute"), PolicySpec("window"), PolicySpec("full"),
-             PolicySpec("namm", options={"namm_file": namm_file(cfg, "default")},
-                        label="namm")]
-    if namm_file(cfg, task.name).exists():
-        cells.append(PolicySpec("namm", options={"namm_file": namm_file(cfg, task.name)},
-                                label="namm-local"))
+    cells = [PolicySpec("recompute"), PolicySpec("window"), PolicySpec("full")]
+    cells += [PolicySpec("namm", options={"namm_file": path}, label=label)
+              for label, path in namm_cells(cfg, task).items()]
     if namm_file(cfg, "default-mlp").exists() and task.name in cfg.mlp_tasks.split(","):
         cells.append(PolicySpec("namm-mlp", options={"namm_file": namm_file(cfg, "default-mlp")},
                                 label="namm-mlp"))
@@ -149,7 +154,7 @@ def budgeted_cells(task, cfg: ExperimentConfig):
     wanted = set(cfg.cells.split(",")) if cfg.cells else None
     fixed = {int(b) for b in cfg.budgets.split(",") if b != "matched"}
     matched = matched_budgets(task, cfg) if "matched" in cfg.budgets.split(",") else {}
-    planned = [n for n in NAMM_CELLS if n == "namm" or namm_file(cfg, task.name).exists()]
+    planned = list(namm_cells(cfg, task))
     missing = [label for label in planned if label in matched and matched[label] is None]
     if missing and (wanted is None or any("@" in name for name in wanted)):
         raise UserError(f"{task.name}: the matched budgets need the development block's "

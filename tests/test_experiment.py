@@ -12,6 +12,7 @@ from dtmem.errors import UserError
 from dtmem.experiment import ExperimentConfig
 from dtmem.memory.namm.io import save_namm
 from dtmem.memory.namm.scorers import SCORERS
+from dtmem.results import matched_budget
 
 
 @pytest.fixture
@@ -92,3 +93,22 @@ def test_another_dt_folder_runs_its_own_dts(setup, tmp_path, hopper_dataset):
     assert cell["checkpoint_sha256"] == checkpoints.sha256(seed_one / "hopper-medium.pt")
     with pytest.raises(UserError, match="--dt-dir"):
         experiment.experiment_tasks(ExperimentConfig(**{**cfg.__dict__, "tasks": "hopper-expert"}))
+
+
+def test_a_folder_of_local_namms_only_runs_them(setup, tmp_path):
+    """--namm-dir with only <task>.pt (another evolution seed's local NAMMs): no namm cell,
+    the heuristics matched to namm-local; a folder with no NAMM for the tasks is refused."""
+    seed_one = tmp_path / "namm-seed-1"
+    seed_one.mkdir()
+    shutil.copy(tmp_path / "namm" / "default.pt", seed_one / "hopper-medium.pt")
+    cfg = ExperimentConfig(**{**setup.__dict__, "namm_dir": str(seed_one), "budgets": "matched",
+                              "heuristics": "h2o", "out": str(tmp_path / "seed-1")})
+    experiment.run(cfg)
+    folder = tmp_path / "seed-1" / "cells" / "hopper-medium"
+    local = json.loads((folder / "namm-local.json").read_text())
+    assert sorted(p.stem for p in folder.glob("*.json")) == sorted(
+        ["recompute", "window", "full", "namm-local",
+         f"h2o@{matched_budget(local)}"])
+    (seed_one / "hopper-medium.pt").rename(seed_one / "walker2d-medium.pt")
+    with pytest.raises(UserError, match="no NAMM for these tasks"):
+        experiment.experiment_tasks(cfg)
