@@ -93,7 +93,7 @@ def experiment_tasks(cfg: ExperimentConfig):
     for name in cfg.heuristics.split(","):
         if name not in POLICIES or not issubclass(POLICIES[name], ScoredPolicy):
             raise UserError(f"--heuristics: {name!r} is not a budgeted heuristic policy")
-    if not any(namm_file(cfg, name).exists() for name in ["default", *(t.name for t in tasks)]):
+    if not any(namm_cells(cfg, task) for task in tasks):
         raise UserError(f"no NAMM for these tasks in {namm_folder(cfg)} (default.pt or "
                         "<task>.pt); evolve one with scripts/evolve.py or pass --namm-dir")
     if cfg.cells:  # a misspelt name would otherwise run nothing, silently
