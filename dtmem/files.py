@@ -209,6 +209,16 @@ def command_line():
                              for a in sys.argv[1:]])
 
 
+def cpu_model():
+    """The CPU's model name, as Linux reports it (else what platform knows, maybe "")."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor()
+
+
 def provenance(**extra):
     """Who made a result and how: command, commit, date, machine, plus `extra`."""
     import torch
@@ -217,8 +227,11 @@ def provenance(**extra):
         "command": command_line(),
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        # Float results depend on torch's thread count (reduction order): it is recorded.
+        # Float results depend on torch's thread count (reduction order) and on the CPU
+        # (torch and MKL pick their kernels by it): both are recorded.
         "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "cpu": cpu_model(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "platform": platform.platform(),
                     "python": platform.python_version(), "torch": str(torch.__version__)},
         **extra,

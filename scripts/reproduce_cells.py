@@ -3,32 +3,48 @@
     python scripts/reproduce_cells.py results/cells/hopper-medium/h2o@60.json [...]
 
 Exit code 0 when every cell reproduces bit for bit, 1 when one does not (the fields that
-differ and the largest score gap are printed), 2 on bad input.
+differ and the largest score gap are printed), 2 on bad input. Float kernels differ
+between CPUs, so a cell made on another machine may not reproduce here: --out DIR keeps
+each re-run as a results file, DIR/<task>/<cell>.json with this run's provenance, to
+compare or report.
 """
 
 import sys
+from pathlib import Path
 
 import torch
 
 from dtmem.command import run_reporting_errors, script_parser
 from dtmem.errors import UserError
-from dtmem.results import read_cell, reproduce
+from dtmem.files import ensure_new_output, write_json
+from dtmem.results import cell_name, read_cell, reproduce
 
 
 def main(argv=None):
     parser = script_parser(__doc__)
     parser.add_argument("cells", nargs="+", help="results files")
+    parser.add_argument("--out", help="folder to write the re-run cells to (DIR/<task>/<cell>.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace re-runs in --out")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as the cells were made: thread count changes float rounding
     same = True
 
+    def out_path(cell):
+        return Path(args.out) / cell["task"] / f"{cell_name(cell)}.json"
+
     def work():
         nonlocal same
-        for path in args.cells:
-            cell = read_cell(path)
+        cells = [(path, read_cell(path)) for path in args.cells]
+        for path, cell in cells:  # every input and output checked before any work
             if cell is None:
                 raise UserError(f"{path} is not a readable results file")
-            again = reproduce(cell)["episodes"]
+            if args.out:
+                ensure_new_output(out_path(cell), args.overwrite)
+        for path, cell in cells:
+            rerun = reproduce(cell)
+            if args.out:
+                write_json(out_path(cell), rerun)
+            again = rerun["episodes"]
             if again == cell["episodes"]:
                 print(f"{path}: identical ({len(again)} episodes)", flush=True)
             else:

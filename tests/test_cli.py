@@ -49,6 +49,7 @@ def test_rollout_every_base_policy_writes_results_with_provenance(capsys, tmp_pa
     assert result["dataset_id"] == "dtmem/hopper/medium-v0"
     for key in ("command", "commit", "date", "machine", "wall_seconds"):
         assert key in result["provenance"]
+    assert {"cpu", "cpu_capability", "torch_threads"} <= result["provenance"]["machine"].keys()
     assert all(e["max_tokens"] <= 3 * 20 for e in result["episodes"]) or policy == "full"
 
 
@@ -319,3 +320,26 @@ def test_compare_cells_pairs_two_files_by_seed_and_refuses_other_seeds(capsys, t
     assert "vs recompute on the same seeds: gain" in capsys.readouterr().out
     assert compare([paths["window"], paths["later"]]) == 2
     assert one_line_error(2, capsys.readouterr().err)
+
+
+def test_reproduce_cells_reruns_bit_for_bit_and_keeps_the_reruns_it_is_asked_to(
+        capsys, tmp_path, checkpoint):
+    from scripts.reproduce_cells import main as reproduce
+
+    cell = tmp_path / "h2o.json"
+    run(capsys, "rollout", "--task", "hopper-medium", "--policy", "h2o", "--budget", "20",
+        "--episodes", "2", "--checkpoint", str(checkpoint), "--json", str(cell))
+    out = tmp_path / "reruns"
+    assert reproduce([str(cell), "--out", str(out)]) == 0
+    assert "identical (2 episodes)" in capsys.readouterr().out
+    rerun = json.loads((out / "hopper-medium" / "h2o@20.json").read_text())
+    assert rerun["episodes"] == json.loads(cell.read_text())["episodes"]
+    assert "cpu" in rerun["provenance"]["machine"]
+    # A re-run already there is kept unless --overwrite, and nothing runs before the check.
+    assert reproduce([str(cell), "--out", str(out)]) == 2
+    assert one_line_error(2, capsys.readouterr().err)
+    tampered = json.loads(cell.read_text())
+    tampered["episodes"][0]["ret"] += 1.0
+    cell.write_text(json.dumps(tampered))
+    assert reproduce([str(cell)]) == 1
+    assert "differs in ret" in capsys.readouterr().out

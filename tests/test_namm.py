@@ -183,6 +183,20 @@ def test_each_token_ema_is_built_from_exactly_the_attention_it_received():
                 assert np.allclose(state, ema, atol=1e-6), (layer, slot, token)
 
 
+def test_an_update_in_blocks_of_tokens_changes_no_number(monkeypatch):
+    """An update computes its spectrograms and EMAs in blocks of tokens: blocks of 7 give
+    exactly what one block of every token gives (state, statistics and evictions)."""
+    runs = []
+    for block in (2**14, 7):
+        monkeypatch.setattr("dtmem.memory.namm.policy.TOKENS_PER_BLOCK", block)
+        policy = zero_namm(20, 3000, n_up=48)
+        params = torch.randn(2, 4172, generator=torch.Generator().manual_seed(0)) * 0.3
+        cache, held = decode_steps(policy, steps=60, params=params)
+        runs.append([held, cache.valid, *cache.token_state.values(), *policy.stats[:2]])
+    assert runs[0][0][-1].min() < 3 * 60 - 1  # it did evict
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_negative_scores_evict_all_but_the_unscored_newest_at_each_update_per_slot():
     policy = zero_namm(20, 3000, n_up=48)
     params = torch.stack([bias_only(0.0), bias_only(-1.0)])  # slot 0 keeps, slot 1 forgets
