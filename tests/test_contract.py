@@ -76,17 +76,18 @@ def test_newest_stays_evicted_get_no_attention_and_budget_holds(model, name):
 
 @pytest.mark.parametrize("name", [n for n in CACHED if POLICIES[n].slot_independent])
 def test_a_shrinking_batch_keeps_each_slot_state(model, name):
-    """Episodes 0, 1, 2 in three slots; after 20 steps the batch keeps episodes 2 and 0
-    (renumbered): they keep exactly the tokens they keep in the batch that never shrank."""
+    """Episodes 0, 1, 2 in three slots; after 20 steps the batch keeps episodes 0 and 2
+    (episode 2 moves to slot 1): they keep exactly the tokens they keep in the batch that
+    never shrank."""
     policy = make(name)
     cache, whole = run(model, make(name), [0, 1, 2], 40)
     cache, first = run(model, policy, [0, 1, 2], 20)
-    index = torch.tensor([2, 0])
+    index = torch.tensor([0, 2])
     cache.keep_slots(index)
     policy.keep_slots(index)
-    later = [step(model, cache, policy, [2, 0], t) for t in range(20, 40)]
+    later = [step(model, cache, policy, [0, 2], t) for t in range(20, 40)]
     for t, kept in enumerate(later, start=20):
-        assert kept == [whole[t][2], whole[t][0]]
+        assert kept == [whole[t][0], whole[t][2]]
 
 
 @pytest.mark.parametrize("name", [n for n in CACHED if POLICIES[n].slot_independent])

@@ -103,27 +103,31 @@ def test_a_growing_cache_matches_one_allocated_whole(model, monkeypatch):
     assert torch.equal(whole.token_state["h2o_received"], grown.token_state["h2o_received"])
 
 
-def test_a_shrinking_batch_trims_its_cache_and_changes_nothing(model, monkeypatch):
-    """Dropping a long finished slot cuts the allocation to twice what the kept slots hold;
-    they grow again from there and still match their own full forward."""
+def test_a_shrinking_batch_moves_its_slots_in_place_and_changes_nothing(model, monkeypatch):
+    """Dropping a long slot (not even reset) moves the kept slots down in the same memory;
+    they grow from there and still match their own full forward."""
     monkeypatch.setattr("dtmem.cache.INITIAL_TOKENS", 8)
-    rtg, states, actions = episode_inputs(E=3, T=70)
+    rtg, states, actions = episode_inputs(E=3, T=80)
     cache = model.new_cache(3, capacity=210)
     start = torch.tensor([30, 0, 30])
     decoded = []
-    for step in range(70):
+    for step in range(80):
         if step == 40:  # slot 1 holds 119 tokens, the others 29 each
             assert cache.allocated == 128
+            memory = cache.keys.data_ptr()
             cache.keep_slots(torch.tensor([0, 2]))
-            assert cache.allocated == 2 * 29
+            assert cache.allocated == 128 and cache.keys.data_ptr() == memory
+            assert cache.held().tolist() == [[29, 29]] * cache.n_layers  # none of slot 1's
+            with pytest.raises(ValueError):
+                cache.keep_slots(torch.tensor([1, 0]))
             rtg, states, actions, start = (x[[0, 2]] for x in (rtg, states, actions, start))
         t = (step - start).clamp(min=0)
         prev = torch.where((t > 0)[:, None], actions[:, step - 1], 0.0)
         out, _ = model.decode(cache, prev, rtg[:, step], states[:, step], t, step >= start)
         if step >= 30:
             decoded.append(out[[0, 2]] if len(out) == 3 else out)
-    assert cache.allocated == 210
-    own = model(rtg[:, 30:], states[:, 30:], actions[:, 30:], torch.arange(40).expand(2, 40))
+    assert cache.allocated == 210  # grown past 128 from the moved slots
+    own = model(rtg[:, 30:], states[:, 30:], actions[:, 30:], torch.arange(50).expand(2, 50))
     assert (torch.stack(decoded, 1) - own).abs().max() < 1e-5
 
 
