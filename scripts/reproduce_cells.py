@@ -51,11 +51,22 @@ def main(argv=None):
                 gap = max(abs(a["score"] - b["score"]) for a, b in zip(cell["episodes"], again))
                 fields = sorted({k for a, b in zip(cell["episodes"], again) for k in a
                                  if a[k] != b[k]})
-                print(f"{path}: differs in {', '.join(fields)}; largest score gap {gap:.3g}",
-                      flush=True)
+                print(f"{path}: differs in {', '.join(fields)}; largest score gap {gap:.3g}"
+                      f"{other_cpu(cell, rerun)}", flush=True)
             same &= again == cell["episodes"]
 
     return run_reporting_errors(work) or (0 if same else 1)
+
+
+def other_cpu(cell, rerun):
+    """A note when the cell was made on another CPU (or does not say which): float kernels
+    differ between CPUs, and chaotic episodes grow their last-digit differences."""
+    cpu = [{key: c["provenance"]["machine"].get(key) for key in ("cpu", "cpu_capability")}
+           for c in (cell, rerun)]
+    if cpu[0] == cpu[1]:
+        return ""
+    made = ", ".join(str(v) for v in cpu[0].values()) if cpu[0]["cpu"] else "a CPU not recorded"
+    return f" (made on {made}, run here on {', '.join(cpu[1].values())})"
 
 
 if __name__ == "__main__":

@@ -343,3 +343,7 @@ def test_reproduce_cells_reruns_bit_for_bit_and_keeps_the_reruns_it_is_asked_to(
     cell.write_text(json.dumps(tampered))
     assert reproduce([str(cell)]) == 1
     assert "differs in ret" in capsys.readouterr().out
+    del tampered["provenance"]["machine"]["cpu"]  # as cells made before CPUs were recorded
+    cell.write_text(json.dumps(tampered))
+    assert reproduce([str(cell)]) == 1
+    assert "(made on a CPU not recorded, run here on" in capsys.readouterr().out
