@@ -133,6 +133,12 @@ def resumable(out, cfg: TrainConfig):
     return saved
 
 
+def segment(made, first_step, last_step):
+    """One run of train() within a training: its updates and what it ran on."""
+    return {"steps": [first_step, last_step], "commit": made["commit"], "date": made["date"],
+            "machine": made["machine"]}
+
+
 def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, progress=True):
     """Train (or resume) and save the checkpoint at `out`. Returns the metrics history."""
     check(cfg)
@@ -183,15 +189,21 @@ def train(cfg: TrainConfig, out, resume=False, device="auto", download=False, pr
         torch.set_rng_state(state["torch_rng"])
         sampler.rng.bit_generator.state = state["sampler_rng"]
         step, history, wall = saved["steps"], saved["metrics"]["history"], state["wall"]
+    # A long training spans sessions and machines, and its floats depend on each one's CPU:
+    # the checkpoint names every run that made it (a checkpoint from before segments were
+    # recorded counts as one segment, from an unknown first step, by its last provenance).
+    earlier = (saved["provenance"].get("segments")
+               or [segment(saved["provenance"], None, saved["steps"])]) if saved else []
+    first_step = step
 
     log = TrainingLog(log_path(out), after_step=step)
 
     def save():
+        made = provenance(train_config=asdict(cfg), device=device, wall_seconds=round(wall, 1))
+        made["segments"] = earlier + [segment(made, first_step, step)]
         save_checkpoint(
             out, model, task=task.name, dataset_id=dataset_id, state_mean=state_mean,
-            state_std=state_std, steps=step,
-            provenance=provenance(train_config=asdict(cfg), device=device,
-                                  wall_seconds=round(wall, 1)),
+            state_std=state_std, steps=step, provenance=made,
             metrics={"history": history},
             training_state={"config": asdict(cfg), "optimizer": optimizer.state_dict(),
                             "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),

@@ -126,11 +126,18 @@ def test_interrupted_training_resumes_to_the_same_weights(hopper_dataset, tmp_pa
     monkeypatch.setattr(WindowSampler, "sample", interrupt_at_step_7)
     with pytest.raises(Interrupted, match="update 6 is saved"):
         train(cfg, tmp_path / "resumed.pt", progress=False)
-    assert read_checkpoint(tmp_path / "resumed.pt")["steps"] == 6
+    interrupted = read_checkpoint(tmp_path / "resumed.pt")
+    assert interrupted["steps"] == 6
+    del interrupted["provenance"]["segments"]  # as checkpoints made before segments were
+    torch.save(interrupted, tmp_path / "resumed.pt")
     monkeypatch.setattr(WindowSampler, "sample", sample)
     train(cfg, tmp_path / "resumed.pt", resume=True, progress=False)
     a, b = (read_checkpoint(tmp_path / n) for n in ("straight.pt", "resumed.pt"))
     assert a["steps"] == b["steps"] == 12
+    # Each run that made a checkpoint is named in it, with the machine it ran on.
+    assert [s["steps"] for s in a["provenance"]["segments"]] == [[0, 12]]
+    assert [s["steps"] for s in b["provenance"]["segments"]] == [[None, 6], [6, 12]]
+    assert "cpu" in b["provenance"]["segments"][0]["machine"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     # The training log beside each checkpoint reads as one run: loss every 10 updates and
