@@ -31,7 +31,7 @@ from dtmem.memory import POLICIES, PolicySpec, ScoredPolicy
 from dtmem.memory.namm.io import SHIPPED_DIR as NAMM_DIR
 from dtmem.report import embed_in_readme, markdown, write_report
 from dtmem.report import report as report_rows
-from dtmem.results import BLOCKS, ensure_cell, matched_budget, read_cell
+from dtmem.results import BLOCKS, cell_path, ensure_cell, matched_budget, read_cell
 from dtmem.tasks import all_tasks, resolve_task
 
 
@@ -143,7 +143,7 @@ def matched_budgets(task, cfg: ExperimentConfig):
     development cell has not run yet)."""
     budgets = {}
     for label in NAMM_CELLS:
-        cell = read_cell(block_folder(cfg, "development") / task.name / f"{label}.json")
+        cell = read_cell(cell_path(block_folder(cfg, "development"), task.name, label))
         budgets[label] = cell and matched_budget(cell)
     return budgets
 
@@ -177,14 +177,14 @@ def run(cfg: ExperimentConfig, backend=None):
     heuristics, whose matched budgets are the first phase's NAMM cells."""
     tasks = experiment_tasks(cfg)
     for task in tasks:  # every task's folder of cells is writable, before the first cell
-        ensure_writable(block_folder(cfg) / task.name / "recompute.json")
+        ensure_writable(cell_path(block_folder(cfg), task.name, "recompute"))
     backend = backend or LocalBackend()
     checkpoints = {task.name: Checkpoint.for_task(task, dt_file(cfg, task.name))
                    for task in tasks}
     wanted = set(cfg.cells.split(",")) if cfg.cells else None
     done = {task.name: set() for task in tasks}
     for phase in (planned_cells, budgeted_cells):
-        jobs = [(block_folder(cfg) / task.name / f"{spec.cell_name}.json",
+        jobs = [(cell_path(block_folder(cfg), task.name, spec.cell_name),
                  checkpoints[task.name], task, spec, cfg.episodes, BLOCKS[cfg.block],
                  cfg.slots, backend.in_process)
                 for task in tasks for spec in phase(task, cfg)

@@ -166,6 +166,11 @@ def matched_budget(cell):
     return max(3, round(cell["summary"]["mean_tokens"]))
 
 
+def cell_path(folder, task_name, name):
+    """Where a block's folder of cells keeps one: <folder>/<task>/<cell name>.json."""
+    return Path(folder) / task_name / f"{name}.json"
+
+
 def cell_name(cell):
     return cell.get("label") or cell_name_of(cell["policy"], cell.get("budget"),
                                               cell.get("ratio"), cell.get("settings", {}))

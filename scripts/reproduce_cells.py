@@ -10,14 +10,13 @@ compare or report.
 """
 
 import sys
-from pathlib import Path
 
 import torch
 
 from dtmem.command import run_reporting_errors, script_parser
 from dtmem.errors import UserError
 from dtmem.files import ensure_new_output, write_json
-from dtmem.results import cell_name, read_cell, reproduce
+from dtmem.results import cell_name, cell_path, read_cell, reproduce
 
 
 def main(argv=None):
@@ -30,7 +29,7 @@ def main(argv=None):
     same = True
 
     def out_path(cell):
-        return Path(args.out) / cell["task"] / f"{cell_name(cell)}.json"
+        return cell_path(args.out, cell["task"], cell_name(cell))
 
     def work():
         nonlocal same
@@ -61,7 +60,8 @@ def main(argv=None):
 def other_cpu(cell, rerun):
     """A note when the cell was made on another CPU (or does not say which): float kernels
     differ between CPUs, and chaotic episodes grow their last-digit differences."""
-    cpu = [{key: c["provenance"]["machine"].get(key) for key in ("cpu", "cpu_capability")}
+    cpu = [{key: c.get("provenance", {}).get("machine", {}).get(key)
+            for key in ("cpu", "cpu_capability")}
            for c in (cell, rerun)]
     if cpu[0] == cpu[1]:
         return ""
