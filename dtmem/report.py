@@ -197,23 +197,30 @@ def report(development, confirmation, episodes, require_shipped=True):
 def seed_spread(runs, episodes):
     """Beyond env seeds: the same cells made by other training or evolution seeds. runs:
     {run name: folder of cells of one env seed block}. Rows per (task, cell) present in
-    every run: each run's gain over the base with its paired CI, and whether the claim
-    holds across runs (every CI excludes zero, on the same side)."""
-    gains = {name: {(r["task"], r["cell"]): r
-                    for r in summarise(load_cells(folder, episodes, require_shipped=False),
-                                       episodes)}
+    every run: for the base, each run's score with its CI and how many episodes ended
+    early (the DT's falls); for every other cell, each run's gain over the base with its
+    paired CI, and whether the claim holds across runs (every CI excludes zero, on the
+    same side)."""
+    cells = {name: load_cells(folder, episodes, require_shipped=False)
              for name, folder in runs.items()}
-    blocks = {row["seed"] for rows in gains.values() for row in rows.values()}
+    summaries = {name: {(r["task"], r["cell"]): r for r in summarise(by_task, episodes)}
+                 for name, by_task in cells.items()}
+    blocks = {row["seed"] for rows in summaries.values() for row in rows.values()}
     if len(blocks) > 1:
         raise UserError("the runs' cells start at different env seeds "
                         f"({', '.join(map(str, sorted(blocks)))}); compare one block")
-    common = sorted(set.intersection(*(set(rows) for rows in gains.values())),
+    common = sorted(set.intersection(*(set(rows) for rows in summaries.values())),
                     key=lambda key: (key[0], cell_order(key[1])))
     rows = []
     for task, cell in common:
+        per_run = {name: summaries[name][(task, cell)] for name in runs}
         if cell == BASE:
+            rows.append({"task": task, "cell": cell,
+                         "scores": {name: [r["score"], *r["score_ci95"]]
+                                    for name, r in per_run.items()},
+                         "ended_early": {name: ended_early(cells[name][task][cell], episodes)
+                                         for name in runs}})
             continue
-        per_run = {name: gains[name][(task, cell)] for name in runs}
         sides = {side(r["gain_ci95"]) for r in per_run.values()}
         rows.append({"task": task, "cell": cell,
                      "gains": {name: [r["gain"], *r["gain_ci95"]] for name, r in per_run.items()},
@@ -222,22 +229,40 @@ def seed_spread(runs, episodes):
     return rows
 
 
+def ended_early(cell, episodes):
+    """Episodes that ended before the task's time limit: in hopper, walker2d and ant the
+    body fell (halfcheetah cannot)."""
+    limit = all_tasks()[cell["task"]].max_episode_steps
+    return sum(e["length"] < limit for e in cell["episodes"][:episodes])
+
+
 def side(ci):
     """+1 where a CI lies above zero, -1 below it, 0 where it covers zero."""
     return 1 if ci[0] > 0 else -1 if ci[1] < 0 else 0
 
 
 def spread_markdown(rows, runs):
-    lines = ["| task | cell | " + " | ".join(runs) + " | holds across runs |",
-             "|---|---|" + "---|" * len(runs) + "---|"]
+    header = "| task | cell | " + " | ".join(runs) + " |"
+    rule = "|---|---|" + "---|" * len(runs)
+    bases = [header, rule]
+    gains = [header[:-1] + "| holds across runs |", rule + "---|"]
     for row in rows:
-        gains = " | ".join("{:+.1f} [{:+.1f}, {:+.1f}]".format(*row["gains"][name])
+        if "scores" in row:
+            cells = " | ".join("{:.1f} [{:.1f}, {:.1f}]".format(*row["scores"][name])
+                               + f", {row['ended_early'][name]} ended early" for name in runs)
+            bases.append(f"| {row['task']} | {row['cell']} | {cells} |")
+            continue
+        cells = " | ".join("{:+.1f} [{:+.1f}, {:+.1f}]".format(*row["gains"][name])
                            for name in runs)
         holds = f"yes, a {row['direction']}" if row["holds"] else "no"
-        lines.append(f"| {row['task']} | {row['cell']} | {gains} | {holds} |")
-    return "\n".join(lines) + (f"\n\nGain over {BASE} with its 95% CI paired by env seed, "
-                                "per run; a claim holds across runs when every run's CI "
-                                "excludes zero on the same side (uncorrected).\n")
+        gains.append(f"| {row['task']} | {row['cell']} | {cells} | {holds} |")
+    return ("\n".join(bases)
+            + f"\n\nThe base of every gain: {BASE}'s normalised score with its 95% CI, and how "
+            "many episodes ended before the time limit (a fall), per run.\n\n"
+            + "\n".join(gains)
+            + f"\n\nGain over {BASE} with its 95% CI paired by env seed, per run; a claim "
+            "holds across runs when every run's CI excludes zero on the same side "
+            "(uncorrected).\n")
 
 
 def embed_in_readme(readme, marker, table, command, source):

@@ -5,8 +5,9 @@ evolution seeds? Each run is a folder of cells of one env seed block, made by
     python scripts/seed_spread.py dt0=results/confirm dt1=results/seeds/dt-seed-1/confirm \\
         dt2=results/seeds/dt-seed-2/confirm --out results/seeds/spread.md
 
-Prints, per task and cell present in every run, each run's gain over recompute with its
-paired CI and whether the claim holds across runs; --out also writes that table.
+Prints, per task, each run's recompute score and how many of its episodes ended early (a
+fall); then, per cell present in every run, each run's gain over recompute with its paired
+CI and whether the claim holds across runs. --out also writes both tables.
 """
 
 import argparse

@@ -122,8 +122,15 @@ def test_seed_spread_says_which_claims_hold_across_runs(cells, tmp_path, capsys)
     up = shifted_copy(cells, tmp_path / "up", 1.0)
     up_again = shifted_copy(cells, tmp_path / "up-again", 2.0)
     down = shifted_copy(cells, tmp_path / "down", -1.0)
+    for folder, lengths in ((up, [5, 6, 1000, 999]), (up_again, [1000, 1000, 1000, 7])):
+        base = json.loads((folder / "recompute.json").read_text())
+        for episode, length in zip(base["episodes"], lengths):
+            episode["length"] = length  # hopper's time limit is 1000 steps
+        (folder / "recompute.json").write_text(json.dumps(base))
     out = tmp_path / "spread.md"
     assert spread([f"a={up}", f"b={up_again}", "--episodes", "4", "--out", str(out)]) == 0
+    base_row = next(line for line in out.read_text().splitlines() if "| recompute |" in line)
+    assert ", 3 ended early | " in base_row and base_row.endswith(", 1 ended early |")
     assert "| hopper-medium | full | +1.0 [+1.0, +1.0] | +2.0 [+2.0, +2.0] | yes, a gain |" \
         in out.read_text()
     assert spread([f"a={up}", f"b={down}", "--episodes", "4"]) == 0
