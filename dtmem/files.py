@@ -132,8 +132,7 @@ def lock(path):
 def safe_load(path, what, remedy):
     """A torch file's contents, with weights_only=True: tensors and plain containers only,
     so no code from the file ever runs. `what` names the file, `remedy` the fix."""
-    import pickle
-    import zipfile
+    import warnings
 
     import torch
 
@@ -141,9 +140,12 @@ def safe_load(path, what, remedy):
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist; {remedy}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError,
-            OSError, KeyError) as e:
+        with warnings.catch_warnings():  # e.g. "pickle protocol 116": noise before our line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    # The weights-only unpickler runs no code, so whatever it raises on bytes that are not
+    # a torch file (IndexError, UnicodeDecodeError, struct.error, ...) says just that.
+    except Exception as e:
         raise UserError(f"{what} {path} is corrupt or holds more than tensors "
                         f"({type(e).__name__}); nothing from it was run; {remedy}") from None
 

@@ -213,10 +213,15 @@ def test_damaged_checkpoints(capsys, tmp_path, checkpoint, damage):
 @pytest.mark.parametrize("content, needle", [
     (b"just some text\n", "corrupt"), (b"PK\x03\x04garbage", "corrupt"), (b"", "corrupt"),
     (b"\x80\x04\x95", "corrupt"),
+    # Bytes on which torch's weights-only unpickler raises IndexError and struct.error,
+    # and a pickle protocol (106) it warns about before it fails:
+    (b"root:x:0:0:root:/root:/bin/bash\n", "corrupt"), (b"X", "corrupt"),
+    (b"\x80\x6a)", "corrupt"),
 ])
-def test_files_that_are_not_checkpoints(capsys, tmp_path, content, needle):
+def test_files_that_are_not_checkpoints(capsys, recwarn, tmp_path, content, needle):
     (tmp_path / "bad.pt").write_bytes(content)
     refused(capsys, ["rollout", "--checkpoint", tmp_path / "bad.pt"], needle)
+    assert not [w for w in recwarn if "pickle" in str(w.message)]  # one line, no warning
 
 
 def namm_payload():
