@@ -96,10 +96,10 @@ def ensure_writable(path, size=0):
         raise UserError(f"cannot write {path}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {path}: {folder} is not writable; choose another path")
-    free = shutil.disk_usage(folder).free
-    if free < size + 2**20:
+    free, needed = shutil.disk_usage(folder).free, size + 2**20
+    if free < needed:
         raise UserError(f"not enough space for {path}: {free / 2**20:.0f} MiB free, about "
-                        f"{size / 2**20:.0f} MiB needed; free some space")
+                        f"{needed / 2**20:.0f} MiB needed; free some space")
 
 
 @contextmanager

@@ -537,6 +537,16 @@ def test_a_full_disk_while_saving_a_checkpoint(capsys, tmp_path, monkeypatch, ho
     assert not list(tmp_path.iterdir())
 
 
+def test_a_disk_already_full_is_refused_before_the_work(capsys, tmp_path, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2**19))
+    refused(capsys, ["rollout", "--episodes", "1", "--json", tmp_path / "r.json"],
+            "0 MiB free, about 1 MiB needed")  # the margin counts as needed
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_full_disk_while_writing_a_dataset(capsys, tmp_path, monkeypatch):
     import errno
 
