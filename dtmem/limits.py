@@ -40,8 +40,9 @@ def check_value(name, value):
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if (not is_number or (kind is int and value != int(value))
             or not math.isfinite(value) or not low <= value <= high):
+        shown = "{:,}" if kind is int else "{:g}"  # 2,147,483,647 rather than 2.14748e+09
         raise UserError(f"{flag} must be {'an integer' if kind is int else 'a number'} from "
-                        f"{low:g} to {high:g}, got {value!r}")
+                        f"{shown.format(low)} to {shown.format(high)}, got {value!r}")
     return kind(value)
 
 

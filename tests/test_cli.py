@@ -165,6 +165,7 @@ def test_console_script_exit_code_and_single_line(tmp_path):
     (["rollout", "--policy", "magic"], "unknown policy"),
     (["rollout", "--episodes", "0"], "must be an integer from 1"),
     (["rollout", "--episodes", "-3"], "must be an integer from 1"),
+    (["rollout", "--seed", "-5"], "must be an integer from 0 to 2,147,483,647, got -5"),
     (["train", "--steps", "0"], "must be an integer from 1"),
     (["data", "build", "--env", "hopper", "--steps", "0"], "must be an integer from 1"),
     (["data", "build", "--env", "hopper", "--behavior", "wizard", "--overwrite"],
