@@ -198,6 +198,8 @@ def load_cells(folder, episodes, require_shipped=True):
     """{task: {cell name: cell}} from every *.json below folder, checked: enough episodes,
     consecutive seeds (gains pair by seed), and by default the task's shipped DT."""
     cells, shipped_hashes = {}, {}
+    if Path(folder).is_file():
+        raise UserError(f"{folder} is a file; give the folder of results files it is in")
     paths = sorted(Path(folder).rglob("*.json"))
     if not paths:
         raise UserError(f"no results files in {folder}; make them with `dtmem rollout --json`")

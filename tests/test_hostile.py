@@ -122,6 +122,8 @@ def test_namm_inspect_and_report_check_their_output_folders_first(capsys, tmp_pa
     refused(capsys, ["report", "--out", tmp_path / "a-file" / "rep"], "is a file")
     assert capsys.readouterr().out == ""  # no table printed before the refusal
     refused(capsys, ["report", "--confirm", tmp_path / "none"], "is not a folder")
+    refused(capsys, ["report", "--results", tmp_path / "a-file"],
+            "is a file; give the folder of results files")
 
 
 @pytest.mark.parametrize("key, value", [("score", float("nan")), ("ret", float("inf")),
