@@ -186,7 +186,8 @@ def test_bad_budgets_are_one_line_errors(capsys, argv, needle):
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err
 
 
-def test_a_policy_file_registers_a_policy_or_says_what_is_wrong(capsys, tmp_path, checkpoint):
+def test_a_policy_file_registers_a_policy_or_says_what_is_wrong(capsys, tmp_path, checkpoint,
+                                                                monkeypatch):
     from dtmem.lab import LAB_DIR
 
     lab_policy = ["--policy", "recent-states", "--policy-file", str(LAB_DIR / "recent_states.py")]
@@ -197,6 +198,10 @@ def test_a_policy_file_registers_a_policy_or_says_what_is_wrong(capsys, tmp_path
     silent.write_text("x = 1\n")
     broken = tmp_path / "broken.py"
     broken.write_text("def oops(:\n")
+    raising = tmp_path / "raising.py"
+    raising.write_text("x = 1\nraise ValueError('no such model')\n")
+    exiting = tmp_path / "exiting.py"
+    exiting.write_text("import sys\nsys.exit(3)\n")
     policy = ("from dataclasses import dataclass\nfrom dtmem.memory import ScoredPolicy, register"
               "\n@register\n@dataclass\nclass Mine(ScoredPolicy):\n    name = {name!r}\n"
               "    def score(self, cache, timestep, attention):\n        return {score}\n")
@@ -204,9 +209,13 @@ def test_a_policy_file_registers_a_policy_or_says_what_is_wrong(capsys, tmp_path
     clash.write_text(policy.format(name="h2o", score="cache.arrival"))
     wrong = tmp_path / "wrong.py"
     wrong.write_text(policy.format(name="wrong-shape", score="cache.arrival[0]"))
+    monkeypatch.chdir(tmp_path)
     for path, name, needle in ((tmp_path / "missing.py", "x", "does not exist"),
                                (silent, "x", "registers no new policy"),
                                (broken, "x", "SyntaxError"),
+                               (raising.relative_to(tmp_path), "x",  # run from tmp_path
+                                "failed at line 2: ValueError: no such model"),
+                               (exiting, "x", "failed at line 2: SystemExit: 3"),
                                (clash, "h2o", "taken by a built-in policy"),
                                (wrong, "wrong-shape", "score() returned shape")):
         code = main(["rollout", "--env", "hopper", "--policy", name, "--policy-file", str(path),

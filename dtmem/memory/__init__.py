@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 import pkgutil
+import traceback
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -291,8 +292,11 @@ def load_policy_file(path):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
     except UserError as e:
         raise UserError(f"policy file {path}: {e}") from None
-    except Exception as e:  # the user's own code: report it in one line, with its line number
-        raise UserError(f"policy file {path} failed: {type(e).__name__}: {e}") from None
+    except (Exception, SystemExit) as e:  # the user's own code: one line, with where it failed
+        lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__)
+                 if Path(frame.filename).resolve() == path.resolve()]
+        where = f" at line {lines[-1]}" if lines else ""  # a SyntaxError names its own line
+        raise UserError(f"policy file {path} failed{where}: {type(e).__name__}: {e}") from None
     if POLICIES == before:
         raise UserError(f"{path} registers no new policy; decorate its class with @register")
 
