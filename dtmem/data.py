@@ -103,7 +103,16 @@ def find_dataset(task: Task, download=False, dataset_id=None):
 
 def download_dataset(dataset_id, build):
     try:
-        return _minari().load_dataset(dataset_id, download=True)
+        from huggingface_hub.utils import logging as hub_logging  # Minari's remote needs it
+
+        # Offline, huggingface_hub logs each of its five retries (eleven lines on stderr)
+        # before Minari raises; its reason reaches the user once, in the one line below.
+        verbosity = hub_logging.get_verbosity()
+        hub_logging.set_verbosity_error()
+        try:
+            return _minari().load_dataset(dataset_id, download=True)
+        finally:
+            hub_logging.set_verbosity(verbosity)
     except ImportError as e:  # Minari's remote needs the huggingface_hub extra
         raise UserError(f"downloading {dataset_id} needs Minari's hub support: pip install "
                         f"\"dtmem[hub]\" ({e})") from None

@@ -234,6 +234,31 @@ def test_download_failure_offline_gives_the_build_command(capsys, hopper_dataset
     assert "could not download mujoco/ant/medium-v0" in err and "dtmem data build" in err
 
 
+def test_an_unreachable_minari_remote_fails_in_one_line(capsys, tmp_path, monkeypatch):
+    """A real download from a port where nothing listens: huggingface_hub retries five
+    times (its waits skipped here), logging each try, and the user sees one line."""
+    import logging
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logging.getLogger("huggingface_hub").addHandler(handler)
+    try:
+        code, _, err = run(capsys, "train", "--dataset", "mujoco/hopper/medium-v0",
+                           "--download", "--steps", "1", "--out", str(tmp_path / "dt.pt"))
+    finally:
+        logging.getLogger("huggingface_hub").removeHandler(handler)
+    assert one_line_error(code, err) and "could not download mujoco/hopper/medium-v0" in err
+    assert not logged, [record.getMessage() for record in logged]
+    assert not (tmp_path / "dt.pt").exists()
+
+
 def test_every_command_of_the_parser_has_a_handler():
     import argparse
 
