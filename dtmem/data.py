@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import textwrap
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ def download_dataset(dataset_id, build):
         raise UserError(f"downloading {dataset_id} needs Minari's hub support: pip install "
                         f"\"dtmem[hub]\" ({e})") from None
     except Exception as e:  # the remote's own reason: network, auth, unknown id
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        reason = textwrap.shorten(str(e).strip().splitlines()[0], 200) if str(e).strip() else ""
         raise UserError(f"could not download {dataset_id}: {type(e).__name__}: {reason}; "
                         f"offline, build a dataset locally with `{build}`") from None
 
