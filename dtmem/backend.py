@@ -97,8 +97,15 @@ class RayBackend(Backend):
             raise UserError('the ray backend needs Ray: pip install "dtmem[ray]"') from None
         if not ray.is_initialized():  # else: a Ray this process already joined
             # "local" starts a new Ray even where `ray start` left one running.
-            ray.init(address=self.address or "local", num_cpus=self.workers,
-                     include_dashboard=False, logging_level="warning")
+            try:
+                ray.init(address=self.address or "local", num_cpus=self.workers,
+                         include_dashboard=False, logging_level="warning")
+            except (ConnectionError, ValueError) as e:  # no cluster there, or not an address
+                if not self.address:
+                    raise
+                raise UserError(f"cannot join Ray at {self.address} ({type(e).__name__}: "
+                                f"{e}); give the head node's host:port (`ray status` there "
+                                "shows it), or drop --address to start a local Ray") from None
             self.joined = True
         return ray
 

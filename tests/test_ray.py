@@ -83,6 +83,21 @@ def test_a_job_whose_worker_always_dies_ends_in_a_user_error(ray_backend, monkey
         ray_backend.map(always_dies, [(0,)])
 
 
+def test_an_address_that_is_no_ray_cluster_is_one_line(tmp_path):
+    """In a process of its own: this one has joined the module's Ray already. (An address
+    where nothing answers fails the same way, after Ray's minutes of retrying.)"""
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "dtmem", "rollout", "--env", "hopper",
+                           "--episodes", "2", "--shards", "2", "--backend", "ray",
+                           "--address", "nonsense", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "cannot join Ray at nonsense" in proc.stderr and not out.exists()
+
+
 def test_experiment_cells_are_the_same_on_ray(shipped, tmp_path, ray_backend):
     params = 0.1 * torch.randn(SCORERS["bam"][1], generator=torch.Generator().manual_seed(0))
     save_namm(tmp_path / "namm" / "default.pt", "bam", params,
