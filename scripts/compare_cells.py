@@ -22,6 +22,9 @@ def main(argv=None):
 
     def work():
         cells = [checked_cell(path) for path in (args.cell, args.base)]
+        if cells[0]["task"] != cells[1]["task"]:
+            raise UserError(f"the cells are of two tasks ({cells[0]['task']}, "
+                            f"{cells[1]['task']}); a paired gain compares one task's cells")
         seeds = [[e["seed"] for e in cell["episodes"]] for cell in cells]
         if seeds[0] != seeds[1]:
             raise UserError("the two cells ran different env seeds; a paired difference "

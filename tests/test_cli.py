@@ -4,6 +4,7 @@ of bad input: one line on stderr, exit code 2, no traceback, nothing written."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -353,6 +354,10 @@ def test_compare_cells_pairs_two_files_by_seed_and_refuses_other_seeds(capsys, t
     assert "vs recompute on the same seeds: gain" in capsys.readouterr().out
     assert compare([paths["window"], paths["later"]]) == 2
     assert one_line_error(2, capsys.readouterr().err)
+    other_task = json.loads(Path(paths["recompute"]).read_text()) | {"task": "hopper-expert"}
+    Path(paths["recompute"]).write_text(json.dumps(other_task))
+    assert compare([paths["window"], paths["recompute"]]) == 2
+    assert "of two tasks (hopper-medium, hopper-expert)" in capsys.readouterr().err
 
 
 def test_reproduce_cells_reruns_bit_for_bit_and_keeps_the_reruns_it_is_asked_to(
