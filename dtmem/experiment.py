@@ -81,6 +81,10 @@ def experiment_tasks(cfg: ExperimentConfig):
         tasks = [resolve_task(task=name) for name in cfg.tasks.split(",")]
     else:
         tasks = [t for t in all_tasks().values() if dt_file(cfg, t.name).exists()]
+    if not tasks:  # no --tasks, and no <task>.pt where the DTs should be
+        folder = cfg.dt_dir or shipped_path("any").parent
+        raise UserError(f"no DT of any task (<task>.pt) in {folder}; give the folder of the "
+                        "DTs' checkpoints as --dt-dir")
     missing = [t.name for t in tasks if not dt_file(cfg, t.name).exists()]
     if missing and cfg.dt_dir:
         raise UserError(f"no DT for {', '.join(missing)} in {cfg.dt_dir}; give another --dt-dir")

@@ -93,6 +93,9 @@ def test_another_dt_folder_runs_its_own_dts(setup, tmp_path, hopper_dataset):
     assert cell["checkpoint_sha256"] == checkpoints.sha256(seed_one / "hopper-medium.pt")
     with pytest.raises(UserError, match="--dt-dir"):
         experiment.experiment_tasks(ExperimentConfig(**{**cfg.__dict__, "tasks": "hopper-expert"}))
+    empty = {"tasks": "", "dt_dir": str(tmp_path / "none")}  # and no --tasks: no DT at all
+    with pytest.raises(UserError, match="no DT of any task .* in .*none; give the folder"):
+        experiment.experiment_tasks(ExperimentConfig(**{**cfg.__dict__, **empty}))
 
 
 def test_a_folder_of_local_namms_only_runs_them(setup, tmp_path):
