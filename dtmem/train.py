@@ -114,6 +114,9 @@ def update(model, optimizer, batch, grad_clip, bf16=False, device="cpu"):
     return loss
 
 
+RESUME_MAY_CHANGE = ("steps", "checkpoint_every")
+
+
 def resumable(out, cfg: TrainConfig):
     """The checkpoint at `out`, if training can resume from it with `cfg`."""
     if not out.exists():
@@ -124,7 +127,13 @@ def resumable(out, cfg: TrainConfig):
     if state is None:
         raise UserError(f"{out} holds no training state (shipped and imported checkpoints keep none); "
                         "write to another --out")
-    now = asdict(cfg)
+    if cfg.steps < saved["steps"]:
+        raise UserError(f"{out} has {saved['steps']} updates already; give --steps "
+                        f"{saved['steps']} or more to resume it")
+    # More --steps extends a training (the learning rate is constant after warmup, so the
+    # updates are those of a run asked for more from the start), and how often it saves
+    # changes no update; every other setting must be the checkpoint's.
+    now = {k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
     changed = [f"{k} {state['config'].get(k)!r} there, {v!r} now" for k, v in now.items()
                if state["config"].get(k) != v]
     if changed:

@@ -4,6 +4,7 @@ of bad input: one line on stderr, exit code 2, no traceback, nothing written."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,35 @@ def test_interrupted_training_resumes_to_the_same_weights(hopper_dataset, tmp_pa
     assert logs[0] == logs[1]
     assert [row["step"] for row in logs[0]] == [10, 12, 12]
     assert "loss" in logs[0][0] and "lr" in logs[0][0] and len(logs[0][2]["score_ci95"]) == 2
+
+
+def test_a_finished_training_extends_to_the_weights_of_a_longer_run(hopper_dataset, tmp_path):
+    """More --steps on --resume continues a finished training (e.g. a 10k-update DT to the
+    field's 100k), saving at another cadence: the same updates as one longer run."""
+    import torch
+
+    from dtmem.checkpoints import read_checkpoint
+    from dtmem.errors import UserError
+    from dtmem.train import TrainConfig, train
+
+    cfg = TrainConfig(steps=12, batch_size=8, n_layer=1, n_embd=16, eval_every=0,
+                      eval_episodes=1, checkpoint_every=100, warmup_steps=4)
+    train(cfg, tmp_path / "straight.pt", progress=False)
+    train(replace(cfg, steps=8), tmp_path / "extended.pt", progress=False)
+    with pytest.raises(UserError, match="has 8 updates already; give --steps 8 or more"):
+        train(replace(cfg, steps=6), tmp_path / "extended.pt", resume=True, progress=False)
+    train(replace(cfg, checkpoint_every=3), tmp_path / "extended.pt", resume=True,
+          progress=False)
+    a, b = (read_checkpoint(tmp_path / n) for n in ("straight.pt", "extended.pt"))
+    assert a["steps"] == b["steps"] == 12
+    assert [s["steps"] for s in b["provenance"]["segments"]] == [[0, 8], [8, 12]]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    moments = [[state["exp_avg_sq"] for state in c["training_state"]["optimizer"]["state"].values()]
+               for c in (a, b)]
+    assert all(torch.equal(x, y) for x, y in zip(*moments))
+    # The short run's final evaluation stays in the history, where it was made.
+    assert [h["step"] for h in b["metrics"]["history"]] == [8, 12]
 
 
 def test_console_script_exit_code_and_single_line(tmp_path):
