@@ -219,6 +219,13 @@ IMPORT_ERRORS = {
     "not a decision transformer": (lambda d: edit_config(d, model_type="gpt2"), [],
                                    "not a decision_transformer"),
     "unreadable config": (lambda d: (d / "config.json").write_text("{"), [], "not readable JSON"),
+    "config not an object": (lambda d: (d / "config.json").write_text("[1, 2]"), [],
+                             "not a JSON object"),
+    "no model type": (lambda d: edit_config(d, model_type=None), [], "describes no model_type"),
+    "a million layers": (lambda d: edit_config(d, n_layer=10**6), [], "more than dtmem builds"),
+    # Checked against the weights without building the table it implies (512 TB):
+    "huge max_ep_len": (lambda d: edit_config(d, max_ep_len=10**12), [],
+                        "implies (1000000000000, "),
     "gelu": (lambda d: edit_config(d, activation_function="gelu_new"), [], "not supported"),
     "no tanh": (lambda d: edit_config(d, action_tanh=False), [], "not supported"),
     "no weights": (lambda d: (d / "model.safetensors").unlink(), [], "no model.safetensors"),

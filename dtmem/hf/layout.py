@@ -1,7 +1,7 @@
 """How a transformers DecisionTransformerModel directory maps onto dtmem's DT: file names,
 HF's config defaults, the key map and the tensor shapes (see dtmem/hf/__init__.py)."""
 
-
+import torch
 
 from dtmem.errors import UserError
 from dtmem.model import DecisionTransformer, DTConfig
@@ -69,7 +69,9 @@ def key_map(n_layer):
 
 def hf_shapes(cfg: DTConfig, n_positions, vocab_size):
     """Every tensor of a DecisionTransformerModel's state dict and its shape."""
-    model = DecisionTransformer(cfg)
+    # On the meta device: shapes without memory, whatever sizes config.json claims.
+    with torch.device("meta"):
+        model = DecisionTransformer(cfg)
     shapes = {}
     for ours, theirs, conv in key_map(cfg.n_layer):
         shape = tuple(model.state_dict()[ours].shape)

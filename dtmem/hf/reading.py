@@ -24,6 +24,10 @@ from dtmem.hf.layout import (
 )
 from dtmem.model import DTConfig
 
+# GPT-2's largest has 48 layers; a config asking for far more is a mistake or an attack
+# (building it would take the machine's memory before the weights could be compared).
+MAX_LAYERS = 96
+
 
 def read_hf_config(directory):
     """(DTConfig, raw config dict, n_positions, vocab_size) of a DecisionTransformerModel
@@ -39,9 +43,15 @@ def read_hf_config(directory):
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is not readable JSON ({type(e).__name__})") from None
-    if not isinstance(raw, dict) or raw.get("model_type") != "decision_transformer":
-        kind = raw.get("model_type") if isinstance(raw, dict) else None
-        raise UserError(f"{path} describes a {kind!r} model, not a decision_transformer")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a JSON object ({type(raw).__name__}); it is not a "
+                        f"Hugging Face model config")
+    if raw.get("model_type") is None:
+        raise UserError(f"{path} describes no model_type; a DecisionTransformerModel's config "
+                        f"says \"model_type\": \"decision_transformer\"")
+    if raw["model_type"] != "decision_transformer":
+        raise UserError(f"{path} describes a {raw['model_type']!r} model, not a "
+                        f"decision_transformer")
 
     def get(key):
         if key in raw:
@@ -55,6 +65,9 @@ def read_hf_config(directory):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise UserError(f"{path}: {key} must be a positive integer, got {value!r}")
         ints[key] = value
+    if ints["n_layer"] > MAX_LAYERS:
+        raise UserError(f"{path}: n_layer {ints['n_layer']} is more than dtmem builds "
+                        f"({MAX_LAYERS}); this is not a model dtmem can run")
     C = ints["hidden_size"]
     if C % ints["n_head"]:
         raise UserError(f"{path}: hidden_size {C} is not divisible by n_head {ints['n_head']}")
