@@ -71,10 +71,10 @@ def hf_shapes(cfg: DTConfig, n_positions, vocab_size):
     """Every tensor of a DecisionTransformerModel's state dict and its shape."""
     # On the meta device: shapes without memory, whatever sizes config.json claims.
     with torch.device("meta"):
-        model = DecisionTransformer(cfg)
+        state = DecisionTransformer(cfg).state_dict()
     shapes = {}
     for ours, theirs, conv in key_map(cfg.n_layer):
-        shape = tuple(model.state_dict()[ours].shape)
+        shape = tuple(state[ours].shape)
         shapes[theirs] = shape[::-1] if conv else shape
     C, S = cfg.n_embd, cfg.state_dim
     shapes.update({"encoder.wpe.weight": (n_positions, C), "encoder.wte.weight": (vocab_size, C),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from dtmem.checkpoints import CONFIG_LIMITS
 from dtmem.errors import UserError
 from dtmem.files import safe_load
 from dtmem.hf.layout import (
@@ -23,10 +24,6 @@ from dtmem.hf.layout import (
     hf_shapes,
 )
 from dtmem.model import DTConfig
-
-# GPT-2's largest has 48 layers; a config asking for far more is a mistake or an attack
-# (building it would take the machine's memory before the weights could be compared).
-MAX_LAYERS = 96
 
 
 def read_hf_config(directory):
@@ -65,9 +62,11 @@ def read_hf_config(directory):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise UserError(f"{path}: {key} must be a positive integer, got {value!r}")
         ints[key] = value
-    if ints["n_layer"] > MAX_LAYERS:
+    # The bound a dtmem checkpoint has: a deeper model could not be loaded once imported.
+    max_layers = CONFIG_LIMITS["n_layer"][1]
+    if ints["n_layer"] > max_layers:
         raise UserError(f"{path}: n_layer {ints['n_layer']} is more than dtmem builds "
-                        f"({MAX_LAYERS}); this is not a model dtmem can run")
+                        f"({max_layers}); this is not a model dtmem can run")
     C = ints["hidden_size"]
     if C % ints["n_head"]:
         raise UserError(f"{path}: hidden_size {C} is not divisible by n_head {ints['n_head']}")
