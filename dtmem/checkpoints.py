@@ -57,6 +57,24 @@ CONFIG_LIMITS = {"state_dim": (1, 100_000), "act_dim": (1, 100_000), "context_st
                  "max_timestep": (1, 10_000_000)}
 
 
+def config_problem(config):
+    """What is wrong with a DT config (a dict of DTConfig's fields), or None: the sizes
+    dtmem builds, dropout in [0, 1), n_embd a multiple of n_head."""
+    if not isinstance(config, dict) or set(config) != {f.name for f in fields(DTConfig)}:
+        return "its model config is not a DT config"
+    for name, (low, high) in CONFIG_LIMITS.items():
+        value = config[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            return f"config {name} = {value!r} is outside {low}..{high}, the sizes dtmem builds"
+    dropout = config["dropout"]
+    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
+            and 0 <= dropout < 1):
+        return f"config dropout = {dropout!r} is outside [0, 1)"
+    if config["n_embd"] % config["n_head"]:
+        return "config n_embd is not a multiple of n_head"
+    return None
+
+
 def schema_problem(payload):
     """What is wrong with a checkpoint's contents, or None: keys, config sizes, the
     normaliser's shape and values, non-finite weights."""
@@ -64,18 +82,9 @@ def schema_problem(payload):
     if missing:
         return f"it lacks {', '.join(missing)}"
     config = payload["config"]
-    if not isinstance(config, dict) or set(config) != {f.name for f in fields(DTConfig)}:
-        return "its model config is not a DT config"
-    for name, (low, high) in CONFIG_LIMITS.items():
-        value = config[name]
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            return f"config {name} = {value!r} is outside {low}..{high}"
-    dropout = config["dropout"]
-    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
-            and 0 <= dropout < 1):
-        return f"config dropout = {config['dropout']!r} is outside [0, 1)"
-    if config["n_embd"] % config["n_head"]:
-        return "config n_embd is not a multiple of n_head"
+    problem = config_problem(config)
+    if problem:
+        return problem
     for name in ("state_mean", "state_std"):
         value = payload[name]
         if not isinstance(value, torch.Tensor) or value.shape != (config["state_dim"],):

@@ -222,10 +222,20 @@ IMPORT_ERRORS = {
     "config not an object": (lambda d: (d / "config.json").write_text("[1, 2]"), [],
                              "not a JSON object"),
     "no model type": (lambda d: edit_config(d, model_type=None), [], "describes no model_type"),
-    "a million layers": (lambda d: edit_config(d, n_layer=10**6), [], "more than dtmem builds"),
-    # Checked against the weights without building the table it implies (512 TB):
+    # Every size a dtmem checkpoint bounds is bounded at import too:
+    "a million layers": (lambda d: edit_config(d, n_layer=10**6), [],
+                         "n_layer = 1000000 is outside 1..48"),
+    "too many heads": (lambda d: edit_config(d, n_head=128), [], "n_head = 128 is outside"),
+    "too wide": (lambda d: edit_config(d, hidden_size=8192), [], "n_embd = 8192 is outside"),
     "huge max_ep_len": (lambda d: edit_config(d, max_ep_len=10**12), [],
-                        "implies (1000000000000, "),
+                        "max_timestep = 1000000000000 is outside"),
+    "heads do not divide the width": (lambda d: edit_config(d, n_head=3), [],
+                                      "n_embd is not a multiple of n_head"),
+    "dropout of one": (lambda d: edit_config(d, resid_pdrop=1.0), [],
+                       "dropout = 1.0 is outside [0, 1)"),
+    # Checked against the weights without building the table it implies (1.3 GB):
+    "max_ep_len at the bound": (lambda d: edit_config(d, max_ep_len=10**7), [],
+                                "implies (10000000, "),
     "gelu": (lambda d: edit_config(d, activation_function="gelu_new"), [], "not supported"),
     "no tanh": (lambda d: edit_config(d, action_tanh=False), [], "not supported"),
     "no weights": (lambda d: (d / "model.safetensors").unlink(), [], "no model.safetensors"),

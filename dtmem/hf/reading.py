@@ -3,11 +3,12 @@ JSON, weights with safetensors or torch.load(weights_only=True), each checked ag
 the config before anything is built (no code from the directory runs)."""
 
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from dtmem.checkpoints import CONFIG_LIMITS
+from dtmem.checkpoints import config_problem
 from dtmem.errors import UserError
 from dtmem.files import safe_load
 from dtmem.hf.layout import (
@@ -55,21 +56,22 @@ def read_hf_config(directory):
             return raw[key]
         return raw.get(ALIASES.get(key, key), HF_DEFAULTS[key])
 
-    ints = {}
-    for key in ("state_dim", "act_dim", "hidden_size", "n_layer", "n_head", "max_ep_len",
-                "n_positions", "vocab_size"):
+    sizes = {}
+    for key in ("n_positions", "vocab_size"):
         value = get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise UserError(f"{path}: {key} must be a positive integer, got {value!r}")
-        ints[key] = value
-    # The bound a dtmem checkpoint has: a deeper model could not be loaded once imported.
-    max_layers = CONFIG_LIMITS["n_layer"][1]
-    if ints["n_layer"] > max_layers:
-        raise UserError(f"{path}: n_layer {ints['n_layer']} is more than dtmem builds "
-                        f"({max_layers}); this is not a model dtmem can run")
-    C = ints["hidden_size"]
-    if C % ints["n_head"]:
-        raise UserError(f"{path}: hidden_size {C} is not divisible by n_head {ints['n_head']}")
+        sizes[key] = value
+    # The checks of a dtmem checkpoint, so that nothing imports that could not load after.
+    cfg = DTConfig(state_dim=get("state_dim"), act_dim=get("act_dim"),
+                   context_steps=DEFAULT_CONTEXT_STEPS, n_layer=get("n_layer"),
+                   n_head=get("n_head"), n_embd=get("hidden_size"),
+                   dropout=get("resid_pdrop"), max_timestep=get("max_ep_len"))
+    problem = config_problem(asdict(cfg))
+    if problem:
+        raise UserError(f"{path}: read as dtmem's DT (n_embd is hidden_size, max_timestep is "
+                        f"max_ep_len, dropout is resid_pdrop), {problem}; dtmem cannot run it")
+    C = cfg.n_embd
     # What dtmem's model computes: refuse the rest rather than act differently.
     unsupported = {
         "activation_function": (get("activation_function"), "relu"),
@@ -84,15 +86,8 @@ def read_hf_config(directory):
         if value != wanted:
             raise UserError(f"{path}: {key} = {value!r} is not supported (dtmem's DT needs "
                             f"{wanted!r})")
-    dropout = get("resid_pdrop")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-            or not 0 <= dropout < 1:
-        raise UserError(f"{path}: resid_pdrop must be in [0, 1), got {dropout!r}")
-    cfg = DTConfig(state_dim=ints["state_dim"], act_dim=ints["act_dim"],
-                   context_steps=DEFAULT_CONTEXT_STEPS,
-                   n_layer=ints["n_layer"], n_head=ints["n_head"], n_embd=C,
-                   dropout=float(dropout), max_timestep=ints["max_ep_len"])
-    return cfg, raw, ints["n_positions"], ints["vocab_size"]
+    return replace(cfg, dropout=float(cfg.dropout)), raw, sizes["n_positions"], \
+        sizes["vocab_size"]
 
 
 def read_sidecar(directory):
