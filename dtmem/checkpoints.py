@@ -10,7 +10,7 @@ import torch
 
 from dtmem.errors import UserError
 from dtmem.files import atomic_path, relative_to_root, safe_load, sha256
-from dtmem.limits import check_memory
+from dtmem.limits import BIG, LIMITS, check_memory
 from dtmem.model import DecisionTransformer, DTConfig
 from dtmem.tasks import Task, all_tasks, make_env, shipped
 
@@ -52,9 +52,11 @@ def read_checkpoint(path):
 
 
 KEYS = ("config", "model", "task", "dataset_id", "state_mean", "state_std", "steps")
-CONFIG_LIMITS = {"state_dim": (1, 100_000), "act_dim": (1, 100_000), "context_steps": (1, 1000),
-                 "n_layer": (1, 48), "n_head": (1, 64), "n_embd": (1, 4096),
-                 "max_timestep": (1, 10_000_000)}
+# The model sizes `dtmem train` accepts (LIMITS) are the ones a checkpoint may have.
+CONFIG_LIMITS = {"state_dim": (1, 100_000), "act_dim": (1, 100_000),
+                 **{name: LIMITS[name][1:] for name in ("context_steps", "n_layer", "n_head",
+                                                        "n_embd")},
+                 "max_timestep": (1, BIG)}
 
 
 def config_problem(config):
